@@ -1,0 +1,47 @@
+"""ftn_peft: Factorized Tensor Networks as a PEFT tuner.
+
+Importing the package registers the method "FTN" in PEFT, so `get_peft_model`, `PeftConfig.from_pretrained`,
+`PeftModel.from_pretrained` and the `AutoPeftModel*` classes handle FTN adapters like built-in ones.
+"""
+
+from peft import mapping as _mapping
+
+from . import saving as _saving
+from .config import FTNConfig
+from .layer import BASE_ADAPTER, FTNLayer
+from .model import FTNModel
+from .peft_type import FTN_PEFT_TYPE, PREFIX, FTNPeftType
+from .task_layers import TaskHead, TaskNorm
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    # PEFT's register_peft_method only accepts members of its own PeftType enum, so the tables are filled directly,
+    # exactly as register_peft_method would fill them (see peft_type.py for why a str-enum member works).
+    if FTN_PEFT_TYPE in _mapping.PEFT_TYPE_TO_TUNER_MAPPING:
+        return
+    _mapping.PEFT_TYPE_TO_CONFIG_MAPPING[FTN_PEFT_TYPE] = FTNConfig
+    _mapping.PEFT_TYPE_TO_TUNER_MAPPING[FTN_PEFT_TYPE] = FTNModel
+    _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[FTN_PEFT_TYPE] = PREFIX
+    _saving.install()
+
+
+_register()
+
+from . import presets  # noqa: E402  (presets build FTNConfigs, which need the registration above)
+from .report import ParameterReport, parameter_report  # noqa: E402
+
+__all__ = [
+    "BASE_ADAPTER",
+    "FTNConfig",
+    "FTNLayer",
+    "FTNModel",
+    "FTNPeftType",
+    "FTN_PEFT_TYPE",
+    "ParameterReport",
+    "TaskHead",
+    "TaskNorm",
+    "parameter_report",
+    "presets",
+]

@@ -1,0 +1,115 @@
+"""Pure functions for the CP factor maths of FTN.
+
+Every adapted weight is a rank-r CP tensor ``ΔW = scale · Σ_r a_r ⊗ b_r ⊗ c_r`` laid out as in SPEC.md.
+Factors are stored as ``(r, dim)`` matrices so that row ``i`` of every factor is the i-th rank-1 component:
+pruning and per-component norms then index rows.
+
+Two ways to apply ``ΔW`` to an input are provided and kept equal by the tests:
+- *materialized*: build ``ΔW`` (one einsum) and run the base op once with ``W + ΔW``;
+- *factorized*: run the factors as small ops on the activations (tensorly-torch's CP convolution:
+  a 1×1 projection to r channels, a depthwise k×k on those r channels, a 1×1 projection back).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# The layouts a factor triple can take; see SPEC.md's table.
+CONV = "conv"  # (k², Cin/g, Cout) -> weight (Cout, Cin/g, *kernel)
+QKV = "qkv"  # (d_model, d, n) -> Linear weight (n·d, d_model), feature h·d + j
+OUT = "out"  # (d_model, d, n) -> Linear weight (d_model, n·d)
+MATRIX = "matrix"  # (in, out) -> Linear weight (out, in)
+KINDS = (CONV, QKV, OUT, MATRIX)
+
+
+def factor_dims(kind: str, weight_shape: tuple[int, ...], num_heads: Optional[int] = None) -> tuple[int, ...]:
+    """Lengths of the factor vectors for a torch weight of ``weight_shape`` (nn.Conv / nn.Linear layout)."""
+    if kind == CONV:
+        cout, cin_g = weight_shape[:2]
+        k = 1
+        for s in weight_shape[2:]:
+            k *= s
+        return (k, cin_g, cout)
+    out_f, in_f = weight_shape
+    if kind == MATRIX:
+        return (in_f, out_f)
+    if num_heads is None or num_heads < 1:
+        raise ValueError(f"kind={kind!r} needs a positive num_heads, got {num_heads!r}")
+    width = out_f if kind == QKV else in_f
+    d_model = in_f if kind == QKV else out_f
+    if width % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide the projection width {width}")
+    return (d_model, width // num_heads, num_heads)
+
+
+def delta_weight(kind: str, factors: list[torch.Tensor], weight_shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
+    """``ΔW`` in the torch layout of the base weight (nn.Conv / nn.Linear), built with one einsum."""
+    if kind == CONV:
+        a, b, c = factors  # (r, k²), (r, Cin/g), (r, Cout)
+        delta = torch.einsum("rk,ri,ro->oik", a, b, c).reshape(weight_shape)
+    elif kind == QKV:
+        a, b, c = factors  # (r, d_model), (r, d), (r, n)
+        delta = torch.einsum("ri,rj,rh->hji", a, b, c).reshape(weight_shape)
+    elif kind == OUT:
+        a, b, c = factors
+        delta = torch.einsum("ri,rj,rh->ihj", a, b, c).reshape(weight_shape)
+    elif kind == MATRIX:
+        a, b = factors  # (r, in), (r, out)
+        delta = b.t() @ a
+    else:
+        raise ValueError(f"unknown factor kind {kind!r}; expected one of {KINDS}")
+    return delta * scale if scale != 1.0 else delta
+
+
+def component_norms(factors: list[torch.Tensor]) -> torch.Tensor:
+    """Frobenius norm of each rank-1 component: the product of its factors' norms, shape (r,)."""
+    norms = factors[0].norm(dim=1)
+    for f in factors[1:]:
+        norms = norms * f.norm(dim=1)
+    return norms
+
+
+def _head_mixer(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    # (r, n·d): row r is vec(c_r ⊗ b_r) in the h·d + j feature order.
+    return torch.einsum("rj,rh->rhj", b, c).reshape(b.shape[0], -1)
+
+
+def linear_delta(kind: str, x: torch.Tensor, factors: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """``x @ ΔWᵀ`` for a Linear-layout ``ΔW`` without building it: two thin matmuls through r."""
+    if kind == MATRIX:
+        a, b = factors
+        return (x @ a.t()) @ b * scale
+    a, b, c = factors
+    mixer = _head_mixer(b, c)  # (r, n·d)
+    if kind == QKV:
+        return (x @ a.t()) @ mixer * scale  # (.., d_model) -> (.., r) -> (.., n·d)
+    if kind == OUT:
+        return (x @ mixer.t()) @ a * scale  # (.., n·d) -> (.., r) -> (.., d_model)
+    raise ValueError(f"linear_delta does not take kind={kind!r}")
+
+
+def conv_delta(
+    x: torch.Tensor,
+    factors: list[torch.Tensor],
+    kernel_size: tuple[int, ...],
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    scale: float,
+) -> torch.Tensor:
+    """``conv(x, ΔW)`` as three small convolutions (CP convolution), for 1-d and 2-d convs."""
+    a, b, c = factors  # (r, k²), (r, Cin/g), (r, Cout)
+    r = a.shape[0]
+    conv = F.conv2d if len(kernel_size) == 2 else F.conv1d
+    ones = (1,) * len(kernel_size)
+    # Each group projects its own Cin/g channels to r channels with the same b, hence the repeat.
+    down = b.repeat(groups, 1).reshape(groups * r, b.shape[1], *ones)
+    spatial = a.reshape(r, 1, *kernel_size).repeat(groups, *([1] * (len(kernel_size) + 1)))
+    up = c.t().reshape(c.shape[1], r, *ones) * scale
+    z = conv(x, down, groups=groups)  # (B, g·r, *L)
+    z = conv(z, spatial, stride=stride, padding=padding, dilation=dilation, groups=groups * r)  # (B, g·r, *L')
+    return conv(z, up, groups=groups)  # (B, Cout, *L')
