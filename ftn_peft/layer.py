@@ -44,10 +44,17 @@ class FTNTunerLayer(BaseTunerLayer):
         if len(groups) == 1:  # the whole batch uses one adapter: no gather / scatter
             name = adapter_names[0]
             return run(x, name if name in self._available() else None)
+        available = self._available()
+        if all(rows[-1] - rows[0] + 1 == len(rows) for rows in groups.values()):
+            # Contiguous blocks (forward_all_tasks' replicated batch): slices are views, one concatenation.
+            blocks = [
+                run(x[rows[0] : rows[-1] + 1], name if name in available else None) for name, rows in groups.items()
+            ]
+            return torch.cat([b.to(blocks[0].dtype) for b in blocks])
         outputs = {}
         for name, rows in groups.items():
             idx = torch.tensor(rows, device=x.device)
-            outputs[name] = (idx, run(x.index_select(0, idx), name if name in self._available() else None))
+            outputs[name] = (idx, run(x.index_select(0, idx), name if name in available else None))
         first = next(iter(outputs.values()))[1]
         result = first.new_empty((x.shape[0], *first.shape[1:]))
         for idx, out in outputs.values():
@@ -96,10 +103,34 @@ class FTNLayer(nn.Module, FTNTunerLayer):
     def _delta_activations(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def _factorized_cost_ratio(self, adapter: str) -> float:
-        """(factorized FLOPs) / (dense weight-gradient FLOPs) per output position; < 1 favours the factorized path."""
-        dims = self.factor_dims(adapter)
-        return self.r[adapter] * sum(dims) / math.prod(self._linear_layout_shape())
+    def _positions(self, x: Optional[torch.Tensor]) -> float:
+        """Output positions (batch × tokens) of one call; math.inf when unknown (the large-batch limit)."""
+        if x is None:
+            return math.inf
+        return x.numel() / self._linear_layout_shape()[-1]
+
+    def _extra_macs(self, adapter: str) -> tuple[float, float]:
+        """(factorized MACs per output position, ΔW size): what the two paths cost beyond the base op."""
+        return float(self.r[adapter] * sum(self.factor_dims(adapter))), float(math.prod(self._linear_layout_shape()))
+
+    def _factorized_cost_ratio(self, adapter: str, x: Optional[torch.Tensor] = None, needs_grad: bool = True) -> float:
+        """(factorized extra MACs) / (materialized extra MACs) for one call on ``x``; < 1 favours the factorized path.
+
+        Per output position the factorized path costs ``f`` MACs forward and about 2f backward. Materializing costs
+        ``(r + 1)·|W|`` per call to build W + ΔW (and ~3r·|W| more to backpropagate the einsum) and, with gradients,
+        the dense weight gradient: ``|W|`` per position, as costly as the base op itself.
+        """
+        per_position, size = self._extra_macs(adapter)
+        if not math.isfinite(per_position):
+            return math.inf
+        positions, r = self._positions(x), self.r[adapter]
+        if needs_grad:
+            if math.isinf(positions):
+                return 3 * per_position / size
+            return 3 * per_position * positions / (size * positions + (4 * r + 1) * size)
+        if math.isinf(positions):
+            return math.inf
+        return per_position * positions / ((r + 1) * size)
 
     # --- adapter management --------------------------------------------------------------------------
     def update_layer(
@@ -176,21 +207,20 @@ class FTNLayer(nn.Module, FTNTunerLayer):
                 self.get_base_layer().weight.data -= self.get_delta_weight(name)
 
     # --- forward ---------------------------------------------------------------------------------
-    def _use_factorized(self, adapter: str) -> bool:
+    def _use_factorized(self, adapter: str, x: Optional[torch.Tensor] = None) -> bool:
         mode = self.compute[adapter]
         if mode != "auto":
             return mode == "factorized"
-        # Without gradients, one op with W + ΔW beats extra ops on every activation: ΔW costs r·|W| to build,
-        # while the factorized path costs r·Σdims per output position. With gradients, the materialized path
-        # needs the dense weight gradient (as costly as the forward op), which the factorized path avoids.
+        # Decided per call from the shapes (guards under torch.compile): small batches / late low-resolution
+        # layers favour the small ops, big activations without gradients favour building W + ΔW once.
         needs_grad = torch.is_grad_enabled() and self.ftn_a[adapter].requires_grad
-        return needs_grad and self._factorized_cheaper[adapter]
+        return self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
 
     def _forward_adapters(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
         if not adapters:
             return base(x)
-        if all(self._use_factorized(a) for a in adapters):
+        if all(self._use_factorized(a, x) for a in adapters):
             out = base(x)
             for a in adapters:
                 out = out + self._delta_activations(x, a).to(out.dtype)
@@ -224,16 +254,21 @@ class Conv(FTNLayer):
     def _default_kind(self, num_heads, style) -> str:
         return FF.CONV
 
-    def _factorized_cost_ratio(self, adapter: str) -> float:
+    def _positions(self, x):
+        if x is None:
+            return math.inf
+        base = self.get_base_layer()
+        return x.numel() / (base.in_channels * math.prod(base.stride))  # batch × output pixels (padding ignored)
+
+    def _extra_macs(self, adapter: str) -> tuple[float, float]:
         base = self.get_base_layer()
         if base.padding_mode != "zeros":
-            return math.inf  # the small-op path pads with zeros only
+            return math.inf, 1.0  # the small-op path pads with zeros only
         k, cin_g, cout = self.factor_dims(adapter)
-        stride_area = math.prod(base.stride)
         g = base.groups
-        # per output position: 1x1 down at input resolution, depthwise k on g·r channels, 1x1 up
-        factorized = self.r[adapter] * (cin_g * g * stride_area + g * k + cout)
-        return factorized / (k * cin_g * cout)
+        # per output position: 1x1 down at input resolution, depthwise k on g·r channels, 1x1 up, the add
+        factorized = self.r[adapter] * (cin_g * g * math.prod(base.stride) + g * k + cout) + cout
+        return float(factorized), float(k * cin_g * cout)
 
     def _forward_with_weight(self, x, weight):
         base = self.get_base_layer()
@@ -241,12 +276,16 @@ class Conv(FTNLayer):
 
     def _delta_activations(self, x, adapter):
         base = self.get_base_layer()
+        padding = base.padding
+        if base.padding_mode != "zeros":  # pad as nn.Conv does, then convolve without padding
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            padding = 0
         return FF.conv_delta(
             x,
             self._cast(adapter, x.dtype),
             base.kernel_size,
             base.stride,
-            base.padding,
+            padding,
             base.dilation,
             base.groups,
             self.scaling[adapter],

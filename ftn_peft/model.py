@@ -9,7 +9,13 @@ from typing import Optional
 
 import torch
 from torch import nn
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+    check_target_module_exists,
+)
 from peft.utils.other import get_pattern_key
 
 from .config import FTNConfig
@@ -101,6 +107,14 @@ class FTNModel(BaseTuner):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, new_module)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, (TaskNorm, TaskHead)):
+            # PEFT's version copies the base weight into the module put back on unload; a merged task head or
+            # BatchNorm must keep its own weights (and a head may even have another shape).
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     @staticmethod
     def _check_target_module_exists(ftn_config: FTNConfig, key: str):
@@ -209,6 +223,31 @@ class FTNModel(BaseTuner):
                     f"are e.g. {adapted[:3]}"
                 )
 
+    # --- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's key remapping, then a strict check: every FTN key present, none extra, every shape equal."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        missing = sorted(set(expected) - set(remapped))
+        unexpected = sorted(k for k in remapped if k not in expected and PREFIX in k)
+        mismatched = [
+            f"{k}: checkpoint {tuple(remapped[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items() if k in remapped and remapped[k].shape != v.shape
+        ]
+        if missing or unexpected or mismatched:
+            details = []
+            for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+                if keys:
+                    details.append(f"{title} ({len(keys)}): {keys[:5]}{' ...' if len(keys) > 5 else ''}")
+            raise ValueError(
+                f"the saved FTN adapter {adapter_name!r} does not fit this model: " + "; ".join(details) + ". "
+                "It was saved for another architecture, rank or head size: load it into the base model it was "
+                "trained on, with its own adapter_config.json"
+            )
+        return remapped
+
     # --- merging and mixed batches ----------------------------------------------------------------------
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -237,6 +276,14 @@ class FTNModel(BaseTuner):
             raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(known)}")
         if any(m.merged for m in self.model.modules() if isinstance(m, FTNTunerLayer)):
             raise ValueError("adapter_names= cannot be used on a merged model; call unmerge_adapter() first")
+        if self.model.training:
+            # In train mode each adapter's BatchNorm would normalise with its own group's batch statistics and
+            # update its running statistics from that group only, and only the adapter made trainable by
+            # set_adapter() would get gradients: a mixed batch would silently train something else than asked.
+            raise ValueError(
+                "adapter_names= (mixed-adapter batches) is for inference: call model.eval() first; "
+                "train one adapter at a time with set_adapter()"
+            )
 
     def forward(self, *args, **kwargs):
         with self._enable_peft_forward_hooks(*args, **kwargs):

@@ -63,6 +63,7 @@ def clip_vision(
     head_module: Optional[str] = None,
     alpha: Optional[float] = None,
     init_weights="gaussian",
+    attention_heads="auto",
     **kwargs,
 ) -> FTNConfig:
     """FTN for the CLIP vision tower: `targets="qv"` (query and value) or `"o"` (output projection).
@@ -77,7 +78,7 @@ def clip_vision(
         alpha=CLIP_PAPER_ALPHA[targets] if alpha is None else alpha,
         target_modules=CLIP_VISION_TARGETS[targets],
         init_weights=init_weights,
-        attention_heads="auto",
+        attention_heads=attention_heads,
         head_module=head_module,
         head_num_outputs=num_classes,
         **kwargs,

@@ -16,6 +16,8 @@ import tempfile
 
 from huggingface_hub import ModelCard
 from peft import PeftModel
+from peft.utils import save_and_load
+from safetensors import SafetensorError
 from peft.utils.constants import CONFIG_NAME
 
 from .peft_type import FTN_PEFT_TYPE
@@ -82,6 +84,29 @@ def atomic_save_pretrained(original):
     return save_pretrained
 
 
+class CorruptAdapterFileError(ValueError):
+    """An adapter weight file that is truncated or otherwise not valid safetensors."""
+
+
+def checked_safe_load(original):
+    @functools.wraps(original)
+    def safe_load_file(filename, *args, **kwargs):
+        try:
+            return original(filename, *args, **kwargs)
+        except SafetensorError as err:
+            size = os.path.getsize(filename) if os.path.exists(filename) else 0
+            raise CorruptAdapterFileError(
+                f"{filename} ({size} bytes) is not a complete safetensors file ({err}): it is truncated or corrupt. "
+                "Save or download the adapter again."
+            ) from err
+
+    safe_load_file._ftn_checked = True
+    return safe_load_file
+
+
 def install() -> None:
+    """Wrap PEFT's adapter save (atomic for FTN models) and weight load (clear error on corrupt files)."""
     if not getattr(PeftModel.save_pretrained, "_ftn_atomic", False):
         PeftModel.save_pretrained = atomic_save_pretrained(PeftModel.save_pretrained)
+    if not getattr(save_and_load.safe_load_file, "_ftn_checked", False):
+        save_and_load.safe_load_file = checked_safe_load(save_and_load.safe_load_file)
