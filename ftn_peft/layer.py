@@ -80,7 +80,6 @@ class FTNLayer(nn.Module, FTNTunerLayer):
         self.kind: dict[str, str] = {}
         self.num_heads: dict[str, Optional[int]] = {}
         self.compute: dict[str, str] = {}
-        self._factorized_cheaper: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -158,7 +157,6 @@ class FTNLayer(nn.Module, FTNTunerLayer):
         for container, dim in zip(containers, dims):
             container[adapter_name] = nn.Parameter(torch.empty(r, dim, device=weight.device, dtype=torch.float32))
         self.reset_factors(adapter_name, init_weights, init_std)
-        self._factorized_cheaper[adapter_name] = self._factorized_cost_ratio(adapter_name) < 1.0
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
