@@ -31,6 +31,7 @@ _register()
 
 from . import presets  # noqa: E402  (presets build FTNConfigs, which need the registration above)
 from .report import ParameterReport, parameter_report  # noqa: E402
+from .serving import forward_all_tasks  # noqa: E402
 
 __all__ = [
     "BASE_ADAPTER",
@@ -42,6 +43,7 @@ __all__ = [
     "ParameterReport",
     "TaskHead",
     "TaskNorm",
+    "forward_all_tasks",
     "parameter_report",
     "presets",
 ]

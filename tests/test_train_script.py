@@ -1,0 +1,117 @@
+"""examples/train_multidomain.py end to end: two Accelerate processes agree, a killed run resumes exactly."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_multidomain.py"
+sys.path.insert(0, str(ROOT / "examples"))
+
+TINY = ["--domains", "inverted", "--methods", "ftn", "--ranks", "1", "--lr_grid", "1", "--epochs", "1",
+        "--batch_size", "32", "--source_epochs", "1", "--num_threads", "1"]
+
+
+def run(args, cache, expect=0, launcher=(sys.executable,)):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([*launcher, str(SCRIPT), "--cache_dir", str(cache), *args], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def adapter(out, seed, label="ftn_r1", domain="inverted"):
+    return load_file(str(Path(out) / label / f"seed{seed}" / domain / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_same_adapter(tmp_path, monkeypatch):
+    # In accelerate 1.15, `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up;
+    # torchrun with ACCELERATE_USE_CPU gives the two gloo processes that `--multi_gpu` would give on GPUs.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    out = tmp_path / "out"
+    run([*TINY, "--seeds", "0", "--output_dir", str(out), "--adapter_hash_file", str(tmp_path / "hash")],
+        tmp_path / "cache", launcher=launcher)
+    hashes = [(tmp_path / f"hash.rank{r}").read_text() for r in (0, 1)]  # rank1 exists: two processes ran
+    assert hashes[0] == hashes[1] and hashes[0].strip()
+    # only the main process writes: one result line per job, not one per process
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    from peft import PeftModel
+
+    import ftn_peft  # noqa: F401
+    from ftn_peft.demo import digits
+
+    base = digits.load_source_model(cache_dir=tmp_path / "cache", epochs=1)
+    model = PeftModel.from_pretrained(base, str(out / "ftn_r1" / "seed0" / "inverted"), adapter_name="inverted")
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_where_it_stopped(tmp_path):
+    common = [*TINY, "--seeds", "0,1", "--checkpointing_steps", "3"]
+    run([*common, "--output_dir", str(tmp_path / "full")], tmp_path / "cache")
+    killed = tmp_path / "killed"
+    # 15 steps per job: the run dies in the second job (seed 1) after step 20, its last checkpoint at step 18
+    run([*common, "--output_dir", str(killed), "--stop_after_steps", "20"], tmp_path / "cache", expect=3)
+    assert (killed / "checkpoint.pt").exists() and not (killed / "ftn_r1" / "seed1").exists()
+    log = run([*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"], tmp_path / "cache")
+    assert "ftn_r1/seed0/inverted/lr1 epoch" not in log  # the finished job is not trained again
+    for seed in (0, 1):
+        full, resumed = adapter(tmp_path / "full", seed), adapter(killed, seed)
+        assert full.keys() == resumed.keys()
+        for k in full:
+            torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6)
+
+
+def test_summary_table_and_multiples():
+    import multidomain_report as rep
+
+    results = [dict(label="m", domain=d, seed=s, test=t, trainable=10, lr_scale=1.0)
+               for d, s, t in [("a", 0, 0.5), ("a", 1, 0.7), ("b", 0, 0.9), ("b", 1, 0.9)]]
+    rows = {(r["method"], r["domain"]): r for r in rep.summarize(results, backbone_params=100)}
+    assert rows[("m", "a")]["top1"] == pytest.approx(60.0)
+    assert rows[("m", "a")]["top1_std"] == pytest.approx(14.142, abs=1e-3)
+    # the mean row's spread is over seeds of the per-seed mean: seed0 70, seed1 80
+    assert rows[("m", "mean")]["top1"] == pytest.approx(75.0)
+    assert rows[("m", "mean")]["top1_std"] == pytest.approx(7.071, abs=1e-3)
+    assert rows[("m", "mean")]["total_params_multiple"] == pytest.approx(1.2)
+
+
+@pytest.mark.slow
+def test_local_save_pretrained_backbone_and_imagefolder_domains(tmp_path):
+    """The non-demo paths, on local copies: a transformers model dir and one imagefolder per domain."""
+    from PIL import Image
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4, num_channels=3)
+    ResNetForImageClassification(config).save_pretrained(tmp_path / "backbone")
+    rng = torch.Generator().manual_seed(0)
+    for domain, classes in (("dark", 2), ("light", 3)):
+        for c in range(classes):
+            folder = tmp_path / "data" / domain / "train" / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(12):
+                pixels = (torch.rand(16, 16, 3, generator=rng) * 60 + 60 * c).byte().numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    run(["--backbone", str(tmp_path / "backbone"), "--dataset", str(tmp_path / "data"), "--image_size", "16",
+         "--methods", "ftn,bn_head", "--ranks", "1", "--seeds", "0", "--lr_grid", "1", "--epochs", "1",
+         "--batch_size", "8", "--output_dir", str(out)], tmp_path / "cache")
+    table = (out / "results.md").read_text()
+    assert "dark" in table and "light" in table and "bn_head" in table
+    from peft import PeftModel
+
+    import ftn_peft  # noqa: F401
+
+    base = ResNetForImageClassification.from_pretrained(tmp_path / "backbone")
+    model = PeftModel.from_pretrained(base, str(out / "ftn_r1" / "seed0" / "dark"), adapter_name="dark")
+    model.load_adapter(str(out / "ftn_r1" / "seed0" / "light"), adapter_name="light")
+    model.set_adapter("light")
+    assert model(torch.zeros(1, 3, 16, 16)).logits.shape == (1, 3)
