@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocesses some tests start
 
 import pytest
 import torch
 from torch import nn
+
+# Tiny models are dominated by per-op overhead; several threads per process (pytest-xdist workers, the
+# 2-process training tests) oversubscribe a small machine and slow every step many times over.
+torch.set_num_threads(1)
 
 
 def tiny_timm_resnet(num_classes: int = 10, seed: int = 0) -> nn.Module:

@@ -14,9 +14,10 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ MEAN, STD = 0.305, 0.319
 # source model, it must never have seen a target image.
 POOL_SEED = 1234
 TRANSFORM_SEED = 4321
+NOISE_STD = 0.5
 # Bump when the data or the source recipe changes, so stale caches are not reused.
 RECIPE_VERSION = 1
 
@@ -44,6 +46,12 @@ __all__ = [
 
 def load_images() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits as (N, 1, 16, 16) floats in [0, 1] and their labels (N,)."""
+    x, y = _load_images_cached()
+    return x.clone(), y.clone()  # callers may write into them; the cache must stay intact
+
+
+@lru_cache(maxsize=1)
+def _load_images_cached() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -58,10 +66,16 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 def pool_indices() -> tuple[np.ndarray, np.ndarray]:
-    """Sorted indices of the SOURCE and TARGET pools (a fixed, stratified 50/50 split)."""
+    """Sorted row numbers of the SOURCE and TARGET pools (a fixed, stratified 50/50 split)."""
+    src, tgt = _pool_indices_cached()
+    return src.copy(), tgt.copy()
+
+
+@lru_cache(maxsize=1)
+def _pool_indices_cached() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
-    _, y = load_images()
+    _, y = _load_images_cached()
     idx = np.arange(len(y))
     src, tgt = train_test_split(idx, test_size=0.5, stratify=y.numpy(), random_state=POOL_SEED)
     return np.sort(src), np.sort(tgt)
@@ -90,7 +104,7 @@ def _edges(x):
 
 def _noisy(x):
     g = torch.Generator().manual_seed(TRANSFORM_SEED)
-    return (x + 0.6 * torch.randn(x.shape, generator=g)).clamp(0.0, 1.0)
+    return (x + NOISE_STD * torch.randn(x.shape, generator=g)).clamp(0.0, 1.0)
 
 
 def _shuffled_quadrants(x):
@@ -105,6 +119,10 @@ def _identity(x):
     return x
 
 
+def _digit(y):
+    return y
+
+
 @dataclass(frozen=True)
 class DomainSpec:
     name: str
@@ -114,23 +132,22 @@ class DomainSpec:
     description: str
 
 
-def _digit(y):
-    return y
-
-
 DOMAIN_SPECS: Dict[str, DomainSpec] = {
     s.name: s
     for s in [
         DomainSpec("inverted", 10, _inverted, _digit, "1 - x: white background, dark strokes"),
         DomainSpec("rotated", 10, _rotated, _digit, "rotated by 90 degrees"),
         DomainSpec("edges", 10, _edges, _digit, "Sobel edge magnitude (a sketch)"),
-        DomainSpec("noisy", 10, _noisy, _digit, "heavy fixed-seed Gaussian noise, std 0.6"),
+        DomainSpec("noisy", 10, _noisy, _digit, f"fixed-seed Gaussian noise, std {NOISE_STD}"),
         DomainSpec("quadrants", 10, _shuffled_quadrants, _digit, "diagonal quadrants swapped"),
         DomainSpec("parity", 2, _identity, lambda y: y % 2, "original images, even vs odd"),
         DomainSpec("mod3", 3, _identity, lambda y: y % 3, "original images, digit mod 3"),
     ]
 }
-# The default benchmark: the domains where head-only is clearly short of fine-tuning.
+# The default benchmark: domains where a frozen source model plus a new head is clearly short
+# of fine-tuning (measured, 3 split seeds, test accuracy: head-only 74-87%, fine-tuning
+# 91-97%). "noisy" is where pretraining matters most (from scratch fails); "parity" and
+# "mod3" are controls where head-only already matches fine-tuning.
 DOMAINS = ("inverted", "rotated", "edges", "quadrants")
 
 
@@ -142,18 +159,24 @@ class Domain:
     val: TensorDataset
     test: TensorDataset
     description: str = ""
+    # Row numbers into `load_images()` per split, so disjointness can be checked by index.
+    indices: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def make_domain(name: str, seed: int = 0, test_fraction: float = 1 / 3,
-                val_fraction: float = 0.2) -> Domain:
+def make_domain(name: str, seed: int = 0, test_fraction: float = 0.5,
+                val_fraction: float = 0.25) -> Domain:
     """Target domain `name` with stratified train / val / test splits of the TARGET pool.
 
     `seed` only changes how the pool is split (so repeated seeds measure split noise too);
     the transformation itself is fixed. `val` is carved from the training part and is meant
-    for choosing learning rates; `test` must never be used for selection.
+    for choosing learning rates; `test` must never be used for selection. The defaults give
+    336 / 113 / 450 images: a large test split, because one image of a small one moves
+    accuracy by more than the gaps between methods.
     """
     if name not in DOMAIN_SPECS:
         raise ValueError(f"name must be one of {sorted(DOMAIN_SPECS)}, got {name!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if not 0.0 < val_fraction < 1.0:
@@ -174,11 +197,11 @@ def make_domain(name: str, seed: int = 0, test_fraction: float = 1 / 3,
     train, val = train_test_split(rest, test_size=val_fraction,
                                   stratify=digit.numpy()[rest], random_state=seed)
 
-    def part(p):
-        p = torch.as_tensor(np.sort(p))
-        return TensorDataset(x[p].contiguous(), y[p].contiguous())
-
-    return Domain(name, spec.num_classes, part(train), part(val), part(test), spec.description)
+    splits = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    parts = {k: TensorDataset(x[torch.as_tensor(p)].contiguous(), y[torch.as_tensor(p)].contiguous())
+             for k, p in splits.items()}
+    return Domain(name, spec.num_classes, parts["train"], parts["val"], parts["test"],
+                  spec.description, {k: tgt[p] for k, p in splits.items()})
 
 
 def source_dataset() -> tuple[TensorDataset, TensorDataset]:
@@ -244,8 +267,8 @@ def _train_source(model, data: TensorDataset, epochs: int, lr: float, batch_size
             sched.step()
 
 
-def load_source_model(cache_dir=None, seed: int = 0, epochs: int = 15, lr: float = 3e-3,
-                      batch_size: int = 64, device="cpu") -> nn.Module:
+def load_source_model(cache_dir=None, seed: int = 0, epochs: int = 20, lr: float = 3e-3,
+                      batch_size: int = 32, device="cpu") -> nn.Module:
     """The source model pretrained on the SOURCE pool, trained once and then cached.
 
     The cache file (safetensors) is keyed by a hash of every training setting, written
