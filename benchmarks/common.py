@@ -8,6 +8,7 @@ are computed per repeat before taking their median.
 from __future__ import annotations
 
 import copy
+from functools import partial
 import json
 import math
 import os
@@ -122,11 +123,9 @@ def build_method(backbone: Backbone, kind: str, r: Optional[int] = None, device:
     elif kind == "full":
         model.requires_grad_(True)
     elif kind == "lora":
-        def factory():
-            return LoraConfig(r=r, lora_alpha=r, target_modules=backbone.targets, **backbone.lora_extra)
+        factory = partial(LoraConfig, r=r, lora_alpha=r, target_modules=backbone.targets, **backbone.lora_extra)
     elif kind == "ftn":
-        def factory():
-            return backbone.ftn_config(r)
+        factory = partial(backbone.ftn_config, r)
     else:
         raise ValueError(f"kind={kind!r} must be base, full, lora or ftn")
     if factory is not None:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ftn_peft import FTNConfig, presets
+from ftn_peft.demo.digits import Domain
 
 HF_RESNET_TARGETS = r"^resnet\.encoder\.stages\.\d+\.layers\.\d+\.(layer\.\d+|shortcut)\.convolution$"
 
@@ -25,15 +26,6 @@ HF_RESNET_TARGETS = r"^resnet\.encoder\.stages\.\d+\.layers\.\d+\.(layer\.\d+|sh
 def logits_of(output) -> torch.Tensor:
     """Tensor logits from a timm model (a tensor) or a transformers model (an output with `.logits`)."""
     return output.logits if hasattr(output, "logits") else output
-
-
-@dataclass
-class Domain:
-    name: str
-    num_classes: int
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
 
 
 @dataclass
@@ -177,9 +169,7 @@ def load_spec(args) -> Spec:
         # Three domains keep the default run within minutes on a laptop CPU; --domains adds the others.
         names = args.domains.split(",") if args.domains else list(digits.DOMAINS[:3])
 
-        def make(name: str, seed: int) -> Domain:
-            d = digits.make_domain(name, seed)
-            return Domain(d.name, d.num_classes, d.train, d.val, d.test)
+        make = digits.make_domain
     else:
         names, make = hf_domain_maker(args, processor)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in source.modules())

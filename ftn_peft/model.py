@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Optional
 
-import torch
 from torch import nn
 from peft.tuners.tuners_utils import (
     BaseTuner,

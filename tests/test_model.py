@@ -108,8 +108,11 @@ def test_merge_unmerge_restores_base_and_unload_gives_base(images):
     model.merge_adapter()
     torch.testing.assert_close(model(images), adapted, rtol=1e-4, atol=1e-5)
     model.unmerge_adapter()
-    for (k, v), (_, w) in zip(base.state_dict().items(), model.unload().state_dict().items()):
+    unloaded = model.unload()
+    assert list(base.state_dict()) == list(unloaded.state_dict())
+    for (k, v), (_, w) in zip(base.state_dict().items(), unloaded.state_dict().items()):
         torch.testing.assert_close(v, w, rtol=0, atol=1e-6, msg=k)
+    torch.testing.assert_close(unloaded.eval()(images), expected_base.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_disable_adapter_gives_base_output(images):

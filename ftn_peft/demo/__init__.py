@@ -2,12 +2,15 @@
 from .digits import (
     DOMAIN_SPECS,
     DOMAINS,
+    IMAGE_SIZE,
     Domain,
     DomainSpec,
     build_source_model,
     evaluate,
+    load_images,
     load_source_model,
     make_domain,
+    pool_indices,
     source_dataset,
     to_hf_dataset,
 )
@@ -15,12 +18,15 @@ from .digits import (
 __all__ = [
     "DOMAIN_SPECS",
     "DOMAINS",
+    "IMAGE_SIZE",
     "Domain",
     "DomainSpec",
     "build_source_model",
     "evaluate",
+    "load_images",
     "load_source_model",
     "make_domain",
+    "pool_indices",
     "source_dataset",
     "to_hf_dataset",
 ]

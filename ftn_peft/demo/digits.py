@@ -273,6 +273,9 @@ def load_source_model(cache_dir=None, seed: int = 0, epochs: int = 20, lr: float
 
     The cache file (safetensors) is keyed by a hash of every training setting, written
     atomically, and reused by later calls. Returns the model on `device`, in eval mode.
+    Defaults: about 12 s on 2 CPU cores, about 98% accuracy on the held-apart originals.
+    Runs with other thread counts or devices differ in the last bits, so the cache keeps
+    whichever finished first; the key covers the recipe, not the hardware.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
