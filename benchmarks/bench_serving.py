@@ -9,7 +9,7 @@ models (deep copies of the backbone, each on its rows). Memory: the weights held
 the activation peak of a step above the resident memory before it (CPU: the process's VmHWM, reset through
 /proc/self/clear_refs; CUDA: max_memory_allocated).
 
-    python benchmarks/bench_serving.py --model resnet18 --res 64 --batch 8 --repeats 2 --threads 1 \
+    python benchmarks/bench_serving.py --model resnet18 --res 64 --batch 8 --repeats 7 --threads 1 \
         --out docs/serving_bench.json --plot docs/serving.png
 """
 
@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 5, 10])
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write the results as JSON here")

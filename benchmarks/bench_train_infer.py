@@ -10,6 +10,7 @@ fine-tuning, LoRA at FTN's ranks on the same targets, LoRA at the rank closest t
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -32,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is steadiest on a shared CPU")
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for ResNets, 128 for CLIP")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16, 50])
-    p.add_argument("--repeats", type=int, default=3, help="interleaved training-step repeats")
-    p.add_argument("--infer_repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved training-step repeats")
+    p.add_argument("--infer_repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--adapters", type=int, default=10, help="adapters to switch among")
     p.add_argument("--no_memory", action="store_true", help="skip the (slow on CPU) peak-memory step")
@@ -74,6 +75,7 @@ def ratio_rows(times, ftn, lora, matched):
         add(f"{m.name} / full", "train", m.name, "full")
         add(f"{m.name} / base", "infer_unmerged", m.name, "base")
         add(f"{m.name} / base", "infer_merged", m.name, "base")
+        add(f"{m.name} / base", "infer_unloaded", m.name, "base")
     return rows
 
 
@@ -97,6 +99,12 @@ def run(args):
     times["infer_merged"] = C.interleaved(infer_jobs, args.infer_repeats, args.warmup, args.device)
     for m in adapters:
         m.model.base_model.unmerge_adapter()
+    # merge_and_unload() gives the plain backbone back: what "costs nothing once merged" means without wrappers.
+    unloaded = {m.name: C.Method(m.name, m.kind, m.r, copy.deepcopy(m.model).merge_and_unload()) for m in adapters}
+    unloaded["base"] = methods[0]
+    times["infer_unloaded"] = C.interleaved({k: (lambda u=u: C.infer(u, backbone, x)) for k, u in unloaded.items()},
+                                            args.infer_repeats, args.warmup, args.device)
+    del unloaded
     rows = []
     for m in methods:
         row = {"method": m.name, "kind": m.kind, "r": m.r, "trainable_params": m.trainable}
@@ -142,15 +150,15 @@ def to_markdown(result) -> str:
     lines = [f"### {s['backbone']} on {s['device']} (batch {s['batch_size']}, {s['image_size']}px, "
              f"{s['threads']} threads, torch {s['torch']})", "", f"Command: `{cmd}` ({s['wall_s']:.0f} s).", "",
              "| method | trainable | file bytes (header) | file exact | train ms [IQR] | infer ms unmerged [IQR] | "
-             "infer ms merged | train peak MiB (step) | switch ms | switch merged ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "infer ms merged | infer ms merged & unloaded | train peak MiB (step) | switch ms | switch merged ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["methods"]:
         def t(k):
             return f"{r[k + '_ms']:.1f} [{r[k + '_q1_ms']:.1f}, {r[k + '_q3_ms']:.1f}]" if k + "_ms" in r else ""
         file = f"{r['file_bytes']:,} ({r['header_bytes']:,})" if "file_bytes" in r else ""
         peak = f"{r['train_peak_MiB']:.0f} ({r['step_peak_MiB']:.0f})" if "train_peak_MiB" in r else ""
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {file} | {_fmt(r.get('exact'))} | {t('train')} | "
-                     f"{t('infer_unmerged')} | {t('infer_merged')} | {peak} | {_fmt(r.get('switch_ms'), 2)} | "
+                     f"{t('infer_unmerged')} | {t('infer_merged')} | {t('infer_unloaded')} | {peak} | {_fmt(r.get('switch_ms'), 2)} | "
                      f"{_fmt(r.get('switch_merged_ms'), 1)} |")
     lines += ["", "| ratio (per repeat) | measure | median | IQR | min | max |", "|---|---|---|---|---|---|"]
     for q in result["ratios"]:

@@ -7,6 +7,7 @@ one is carved from its training split with the seed; where it ships no test spli
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,15 +41,22 @@ class Spec:
     has_batchnorm: bool = True
     backbone_params: int = 0
     extra: dict = field(default_factory=dict)
+    # seed -> the frozen source model for that seed's jobs; None: `source` for every seed
+    source_for_seed: Optional[Callable[[int], nn.Module]] = None
 
     def domain(self, name: str, seed: int) -> Domain:
         return self.make_domain(name, seed)
 
-    def ftn_config(self, r: int, num_classes: int) -> FTNConfig:
+    def source_for(self, seed: int) -> nn.Module:
+        if self.source_for_seed is None:
+            return self.source
+        return self.source_for_seed(seed)
+
+    def ftn_config(self, r: int, num_classes: int, init_weights="xavier") -> FTNConfig:
         if self.target_modules == presets.RESNET_TARGETS and self.head_module == "fc":
-            return presets.resnet(r=r, num_classes=num_classes)
-        return FTNConfig(r=r, target_modules=self.target_modules, init_weights="xavier", head_module=self.head_module,
-                         head_num_outputs=num_classes, task_batchnorm=self.has_batchnorm)
+            return presets.resnet(r=r, num_classes=num_classes, init_weights=init_weights)
+        return FTNConfig(r=r, target_modules=self.target_modules, init_weights=init_weights,
+                         head_module=self.head_module, head_num_outputs=num_classes, task_batchnorm=self.has_batchnorm)
 
 
 # ------------------------------------------------------------------------------------------------ backbones
@@ -58,7 +66,7 @@ def load_backbone(args) -> tuple[nn.Module, Optional[object]]:
     if name == "demo":
         from ftn_peft.demo import digits
 
-        return digits.load_source_model(cache_dir=args.cache_dir, epochs=args.source_epochs), None
+        return load_demo_source(args, 0), None
     if os.path.isdir(name) or "/" in name:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -71,6 +79,12 @@ def load_backbone(args) -> tuple[nn.Module, Optional[object]]:
     import timm
 
     return timm.create_model(name, pretrained=True).eval(), None
+
+
+def load_demo_source(args, seed: int) -> nn.Module:
+    from ftn_peft.demo import digits
+
+    return digits.load_source_model(cache_dir=args.cache_dir, seed=seed, epochs=args.source_epochs)
 
 
 def default_targets(model: nn.Module, args) -> tuple[object, str]:
@@ -173,4 +187,11 @@ def load_spec(args) -> Spec:
     else:
         names, make = hf_domain_maker(args, processor)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in source.modules())
-    return Spec(source, targets, head, names, make, has_bn, backbone_parameters(source, head))
+    spec = Spec(source, targets, head, names, make, has_bn, backbone_parameters(source, head))
+    if args.backbone == "demo":
+        # The demo pretrains its own source model, and how well each method adapts depends on that model as much
+        # as on the split: seed s uses the source trained with seed s, so the reported spread covers both.
+        spec.source_for_seed = functools.cache(
+            lambda seed: source if seed == 0 else load_demo_source(args, seed).requires_grad_(False)
+        )
+    return spec

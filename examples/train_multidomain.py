@@ -3,10 +3,12 @@
 With no arguments this runs the built-in demo: a tiny ResNet pretrained on half of scikit-learn's 8x8 digits
 (trained once, cached) and target domains made from the other half (ftn_peft/demo/digits.py). For each method and
 domain, the learning rate is picked on a validation split of the first seed (never on test), then every seed is
-trained with it; the table reports test top-1 as mean ± std over seeds.
+trained with it; the table reports test top-1 as mean ± std over seeds. In the demo each seed also has its own
+source model (pretrained with that seed), so the spread covers the pretrained backbone too.
 
     python examples/train_multidomain.py                                   # the demo, prints the table
-    accelerate launch --cpu --num_processes 2 examples/train_multidomain.py --epochs 2
+    accelerate launch examples/train_multidomain.py                        # one or many GPUs
+    ACCELERATE_USE_CPU=true python -m torch.distributed.run --nproc_per_node 2 examples/train_multidomain.py
     python examples/train_multidomain.py --backbone resnet50 --dataset /data/domains --domains sketch,clipart
 
 The FTN adapters of every domain are saved in one directory per rank and seed (`<output_dir>/ftn_r1/seed0`);
@@ -58,9 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--methods", default="ftn,finetune,feature_extractor,bn_head,lora")
     p.add_argument("--ranks", default="1,8", help="FTN ranks, comma-separated")
     p.add_argument("--lora_rank", type=int, default=1)
+    p.add_argument("--ftn_init", default="xavier", choices=["xavier", "gaussian", "zero"],
+                   help="FTN factor init: the paper's xavier (default), gaussian, or zero (ΔW = 0 at step 0, like LoRA)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--lr_grid", default="0.5,2", help="multipliers of each method's base lrs, picked on val")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch_size", type=int, default=64, help="per process")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
@@ -179,7 +183,7 @@ def train_job(accelerator, args, job, model, domain, state) -> dict:
         accelerator.print(f"  {job['key']} epoch {epoch}: loss {total / max(count, 1):.4f} "
                           f"train_acc {correct / max(seen, 1):.4f}")
     result = dict(job, val=accuracy(accelerator, model, domain.val, 256),
-                  test=accuracy(accelerator, model, domain.test, 256))
+                  test=accuracy(accelerator, model, domain.test, 256), optimizer_steps=step)
     return result, accelerator.unwrap_model(model)
 
 
@@ -205,7 +209,8 @@ def build_model(args, job, source, domain, spec):
     if job["method"] == "ftn":
         from peft import get_peft_model
 
-        return get_peft_model(copy.deepcopy(source), spec.ftn_config(job["rank"], domain.num_classes),
+        init = True if args.ftn_init == "zero" else args.ftn_init
+        return get_peft_model(copy.deepcopy(source), spec.ftn_config(job["rank"], domain.num_classes, init),
                               adapter_name=domain.name)
     return baselines.build(job["method"], source, domain.num_classes, r=job["rank"],
                            head_module=spec.head_module, target_modules=spec.target_modules)
@@ -239,7 +244,7 @@ def load_done(args) -> tuple[dict, dict | None]:
     return done, resume
 
 
-def run_grid(accelerator, args, source, domains, spec) -> list[dict]:
+def run_grid(accelerator, args, domains, spec) -> list[dict]:
     """LR picked per (method, domain) on the first seed's val split; then the other seeds at that LR."""
     done, resume = load_done(args)
     state = {"global_step": 0}
@@ -260,7 +265,7 @@ def run_grid(accelerator, args, source, domains, spec) -> list[dict]:
                         continue
                     if resume is not None and resume["job"] == key:
                         state["resume"], state["global_step"] = resume, resume["global_step"]
-                    result = run_job(accelerator, args, job, source, domain, spec, state)
+                    result = run_job(accelerator, args, job, spec.source_for(seed), domain, spec, state)
                     if accelerator.is_main_process:
                         with open(Path(args.output_dir) / "results.jsonl", "a") as f:
                             f.write(json.dumps(result) + "\n")
@@ -271,7 +276,7 @@ def run_grid(accelerator, args, source, domains, spec) -> list[dict]:
     return results
 
 
-def assemble_adapters(accelerator, args, source, results) -> None:
+def assemble_adapters(accelerator, args, spec, results) -> None:
     """Load every domain's selected FTN adapter onto one backbone and save them in one directory."""
     from peft import PeftModel
 
@@ -282,7 +287,7 @@ def assemble_adapters(accelerator, args, source, results) -> None:
         for r in group:
             src = Path(args.output_dir) / "runs" / r["key"] / r["domain"]  # PEFT saves non-default adapters in a subdir
             if model is None:
-                model = PeftModel.from_pretrained(copy.deepcopy(source), str(src), adapter_name=r["domain"])
+                model = PeftModel.from_pretrained(copy.deepcopy(spec.source_for(seed)), str(src), adapter_name=r["domain"])
             else:
                 model.load_adapter(str(src), adapter_name=r["domain"])
         out = Path(args.output_dir) / label / f"seed{seed}"
@@ -299,14 +304,16 @@ def main(argv=None) -> None:
     start = time.time()
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    with accelerator.main_process_first():  # the main process trains and caches the demo source model
+    with accelerator.main_process_first():  # the main process trains and caches the demo source models
         spec = data_lib.load_spec(args)
+        for seed in args.seeds:
+            spec.source_for(seed)
     accelerator.wait_for_everyone()
     domains = spec.domain_names
     accelerator.print(f"backbone {args.backbone}: {spec.backbone_params:,} params; domains {domains}")
-    results = run_grid(accelerator, args, spec.source, domains, spec)
+    results = run_grid(accelerator, args, domains, spec)
     accelerator.wait_for_everyone()  # every process reads the adapters the main process wrote
-    assemble_adapters(accelerator, args, spec.source, results)
+    assemble_adapters(accelerator, args, spec, results)
     if accelerator.is_main_process:
         table = report_lib.write_outputs(results, spec.backbone_params, args.output_dir)
         print(table)

@@ -73,21 +73,25 @@ def component_norms(factors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _head_mixer(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    # (r, n·d): row r is vec(c_r ⊗ b_r) in the h·d + j feature order.
-    return torch.einsum("rj,rh->rhj", b, c).reshape(b.shape[0], -1)
+    # (r, n·d): row r is vec(c_r ⊗ b_r) in the h·d + j feature order. A broadcast product, not an einsum:
+    # on these tiny operands einsum's parsing costs more than the multiply, forward and backward.
+    return (c.unsqueeze(2) * b.unsqueeze(1)).reshape(b.shape[0], -1)
 
 
 def linear_delta(kind: str, x: torch.Tensor, factors: list[torch.Tensor], scale: float) -> torch.Tensor:
-    """``x @ ΔWᵀ`` for a Linear-layout ``ΔW`` without building it: two thin matmuls through r."""
+    """``x @ ΔWᵀ`` for a Linear-layout ``ΔW`` without building it: two thin matmuls through r.
+
+    The scale multiplies an (r, ·) factor, not the (tokens, width) output: same result, a far smaller op.
+    """
     if kind == MATRIX:
         a, b = factors
-        return (x @ a.t()) @ b * scale
+        return (x @ a.t()) @ (b if scale == 1.0 else b * scale)
     a, b, c = factors
-    mixer = _head_mixer(b, c)  # (r, n·d)
+    mixer = _head_mixer(b, c if scale == 1.0 else c * scale)  # (r, n·d)
     if kind == QKV:
-        return (x @ a.t()) @ mixer * scale  # (.., d_model) -> (.., r) -> (.., n·d)
+        return (x @ a.t()) @ mixer  # (.., d_model) -> (.., r) -> (.., n·d)
     if kind == OUT:
-        return (x @ mixer.t()) @ a * scale  # (.., n·d) -> (.., r) -> (.., d_model)
+        return (x @ mixer.t()) @ a  # (.., n·d) -> (.., r) -> (.., d_model)
     raise ValueError(f"linear_delta does not take kind={kind!r}")
 
 
@@ -106,10 +110,22 @@ def conv_delta(
     r = a.shape[0]
     conv = F.conv2d if len(kernel_size) == 2 else F.conv1d
     ones = (1,) * len(kernel_size)
-    # Each group projects its own Cin/g channels to r channels with the same b, hence the repeat.
-    down = b.repeat(groups, 1).reshape(groups * r, b.shape[1], *ones)
-    spatial = a.reshape(r, 1, *kernel_size).repeat(groups, *([1] * (len(kernel_size) + 1)))
-    up = c.t().reshape(c.shape[1], r, *ones) * scale
+    up = c.t().reshape(c.shape[1], r, *ones)
+    if scale != 1.0:  # on the smallest factor: one tiny op
+        a = a * scale
+    if a.shape[1] == 1:
+        # A 1-element kernel's spatial factor is one scalar per component: folded into the projection, the
+        # delta is two ops like LoRA's (a third, per-op-overhead-bound conv cost ~15 % of a ResNet-50 step).
+        down = _per_group(b * a, groups).reshape(groups * r, b.shape[1], *ones)
+        z = conv(x, down, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        return conv(z, up, groups=groups)
+    # Each group projects its own Cin/g channels to r channels with the same b.
+    down = _per_group(b, groups).reshape(groups * r, b.shape[1], *ones)
+    spatial = _per_group(a, groups).reshape(groups * r, 1, *kernel_size)
     z = conv(x, down, groups=groups)  # (B, g·r, *L)
     z = conv(z, spatial, stride=stride, padding=padding, dilation=dilation, groups=groups * r)  # (B, g·r, *L')
     return conv(z, up, groups=groups)  # (B, Cout, *L')
+
+
+def _per_group(factor: torch.Tensor, groups: int) -> torch.Tensor:
+    return factor if groups == 1 else factor.repeat(groups, 1)

@@ -28,7 +28,8 @@ class FTNTunerLayer(BaseTunerLayer):
         return set(getattr(self, self.adapter_layer_names[0]).keys())
 
     def _active_here(self) -> list[str]:
-        return [name for name in self.active_adapters if name in self._available()]
+        container = getattr(self, self.adapter_layer_names[0])
+        return [name for name in self.active_adapters if name in container]
 
     def _route(self, x: torch.Tensor, adapter_names: list[str], run) -> Any:
         """Run ``run(x_subset, adapter_or_None)`` on each adapter's samples and put the results back in order."""
@@ -83,6 +84,7 @@ class FTNLayer(nn.Module, FTNTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
+        self._path_cache: dict[tuple, bool] = {}
         self.update_layer(adapter_name, **kwargs)
 
     # --- what the subclasses define ---------------------------------------------------------------
@@ -146,6 +148,7 @@ class FTNLayer(nn.Module, FTNTunerLayer):
     ) -> None:
         kind = self._default_kind(num_heads, style)
         dims = FF.factor_dims(kind, self._linear_layout_shape(), num_heads)
+        self._path_cache.clear()
         self.r[adapter_name] = r
         self.alpha[adapter_name] = alpha
         self.scaling[adapter_name] = 1.0 if alpha is None else alpha / r
@@ -212,7 +215,16 @@ class FTNLayer(nn.Module, FTNTunerLayer):
         # Decided per call from the shapes (guards under torch.compile): small batches / late low-resolution
         # layers favour the small ops, big activations without gradients favour building W + ΔW once.
         needs_grad = torch.is_grad_enabled() and self.ftn_a[adapter].requires_grad
-        return self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
+        if x is None or torch.compiler.is_compiling():
+            return self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
+        # The cost model is pure Python arithmetic, ~15 µs a call: as much as a small op. Remember it per shape.
+        key = (adapter, self.r[adapter], x.shape, needs_grad)
+        choice = self._path_cache.get(key)
+        if choice is None:
+            if len(self._path_cache) > 1024:  # many sequence lengths: start over rather than grow without bound
+                self._path_cache.clear()
+            choice = self._path_cache[key] = self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
+        return choice
 
     def _forward_adapters(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
@@ -240,7 +252,9 @@ class FTNLayer(nn.Module, FTNTunerLayer):
         return self._forward_adapters(x, self._active_here())
 
     def _cast(self, adapter: str, dtype: torch.dtype) -> list[torch.Tensor]:
-        return [f.to(dtype) for f in self.factors(adapter)]
+        factors = (self.ftn_a[adapter], self.ftn_b[adapter], self.ftn_c[adapter]) if adapter in self.ftn_c \
+            else (self.ftn_a[adapter], self.ftn_b[adapter])
+        return [f if f.dtype == dtype else f.to(dtype) for f in factors]
 
     def __repr__(self) -> str:
         return "ftn." + super().__repr__()
@@ -264,8 +278,10 @@ class Conv(FTNLayer):
             return math.inf, 1.0  # the small-op path pads with zeros only
         k, cin_g, cout = self.factor_dims(adapter)
         g = base.groups
-        # per output position: 1x1 down at input resolution, depthwise k on g·r channels, 1x1 up, the add
-        factorized = self.r[adapter] * (cin_g * g * math.prod(base.stride) + g * k + cout) + cout
+        if k == 1:  # the spatial scalar is folded into the strided down-projection (functional.conv_delta)
+            factorized = self.r[adapter] * (cin_g * g + cout) + cout
+        else:  # per output position: 1x1 down at input resolution, depthwise k on g·r channels, 1x1 up, the add
+            factorized = self.r[adapter] * (cin_g * g * math.prod(base.stride) + g * k + cout) + cout
         return float(factorized), float(k * cin_g * cout)
 
     def _forward_with_weight(self, x, weight):

@@ -23,6 +23,9 @@ CASES = {
     "conv_groups2": (lambda: nn.Conv2d(6, 8, 3, padding=1, groups=2), (2, 6, 7, 7), {}),
     "conv_depthwise": (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (2, 6, 7, 7), {}),
     "conv1x1_stride2": (lambda: nn.Conv2d(6, 8, 1, stride=2), (2, 6, 8, 8), {}),
+    # the 1-element-kernel branch folds the spatial factor into the projection: padding, dilation and groups too
+    "conv1x1_groups_padding": (lambda: nn.Conv2d(6, 8, 1, stride=2, padding=1, dilation=2, groups=2), (2, 6, 8, 8), {}),
+    "conv1d_pointwise": (lambda: nn.Conv1d(6, 8, 1), (2, 6, 11), {}),
     "conv1d": (lambda: nn.Conv1d(6, 8, 3, stride=2, padding=1), (2, 6, 11), {}),
     "linear_qkv": (lambda: nn.Linear(12, 16), (2, 5, 12), {"num_heads": 4}),
     "linear_out": (lambda: nn.Linear(16, 12), (2, 5, 16), {"num_heads": 4, "style": "out"}),
