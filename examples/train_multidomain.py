@@ -8,7 +8,7 @@ source model (pretrained with that seed), so the spread covers the pretrained ba
 
     python examples/train_multidomain.py                                   # the demo, prints the table
     accelerate launch examples/train_multidomain.py                        # one or many GPUs
-    ACCELERATE_USE_CPU=true python -m torch.distributed.run --nproc_per_node 2 examples/train_multidomain.py
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train_multidomain.py  # 2 CPU procs
     python examples/train_multidomain.py --backbone resnet50 --dataset /data/domains --domains sketch,clipart
 
 The FTN adapters of every domain are saved in one directory per rank and seed (`<output_dir>/ftn_r1/seed0`);

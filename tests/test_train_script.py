@@ -31,10 +31,11 @@ def adapter(out, seed, label="ftn_r1", domain="inverted"):
 
 @pytest.mark.slow
 def test_two_processes_end_with_the_same_adapter(tmp_path, monkeypatch):
-    # In accelerate 1.15, `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up;
-    # torchrun with ACCELERATE_USE_CPU gives the two gloo processes that `--multi_gpu` would give on GPUs.
+    # In accelerate 1.15, `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up.
+    # Its torchrun-based launcher (`--multi_gpu`) with ACCELERATE_USE_CPU starts two gloo processes on CPU.
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "29533")  # = `accelerate launch ...`
     out = tmp_path / "out"
     run([*TINY, "--seeds", "0", "--output_dir", str(out), "--adapter_hash_file", str(tmp_path / "hash")],
         tmp_path / "cache", launcher=launcher)
