@@ -103,7 +103,10 @@ def _take(value: Any, i: int, batch: int, t: int) -> Any:
         return None
     if isinstance(value, torch.Tensor):
         if value.dim() == 0 or value.shape[0] != batch * t:
-            raise ValueError(f"cannot split an output of shape {tuple(value.shape)} into {t} tasks of {batch} rows")
+            raise ValueError(
+                f"cannot split an output of shape {tuple(value.shape)} into {t} tasks of {batch} rows; "
+                "use strategy='loop' for models whose outputs have no batch dimension"
+            )
         return value[i * batch : (i + 1) * batch]
     if isinstance(value, ModelOutput):
         return type(value)(**{k: _take(v, i, batch, t) for k, v in value.items()})

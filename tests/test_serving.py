@@ -134,6 +134,27 @@ def test_forward_all_tasks_equals_set_adapter_loop_clip(clip_model, strategy):
         torch.testing.assert_close(out[name].logits, refs[name], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ["loop", "batched"])
+def test_forward_all_tasks_refuses_labels(clip_model, strategy):
+    """A loss from labels would be one number over every task's rows (batched) or need per-task labels: refused."""
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 1])}
+    with pytest.raises(ValueError, match="labels"):
+        forward_all_tasks(clip_model, inputs, ["qv", "o5"], strategy=strategy)
+
+
+def test_forward_all_tasks_batched_names_the_loop_for_unsplittable_outputs(resnet_model):
+    class ScalarOut(torch.nn.Module):  # a model whose output has no batch dimension
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, adapter_names=None):
+            return self.inner(x, adapter_names=adapter_names).sum()
+
+    with torch.no_grad(), pytest.raises(ValueError, match="strategy='loop'"):
+        forward_all_tasks(ScalarOut(resnet_model), torch.randn(2, 3, 32, 32), ["a", "c"])
+
+
 @pytest.mark.parametrize(
     "names, error, match",
     [
