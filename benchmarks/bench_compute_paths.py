@@ -23,12 +23,10 @@ from peft import get_peft_model
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
-SIZES = {"resnet50": (4, 64), "resnet18": (4, 64), "clip-qv": (2, 128), "clip-o": (2, 128)}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="resnet50", choices=sorted(SIZES))
+    p.add_argument("--backbone", default="resnet50", choices=sorted(C.CPU_SIZES))
     p.add_argument("--r", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
@@ -51,7 +49,7 @@ def ftn_with_compute(backbone: C.Backbone, r: int, compute: str, device: str) ->
 
 def run(args) -> str:
     torch.set_num_threads(args.threads)
-    batch, size = SIZES[args.backbone]
+    batch, size = C.CPU_SIZES[args.backbone]
     backbone = C.build_backbone(args.backbone, size)
     x = backbone.make_input(batch, size).to(args.device)
     t0 = time.perf_counter()

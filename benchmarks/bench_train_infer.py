@@ -22,12 +22,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
-DEFAULTS = {"resnet50": (4, 64), "resnet18": (4, 64), "clip-qv": (2, 128), "clip-o": (2, 128)}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="resnet50", choices=sorted(DEFAULTS))
+    p.add_argument("--backbone", default="resnet50", choices=sorted(C.CPU_SIZES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch_size", type=int, default=None, help="default: 4 for ResNets, 2 for CLIP (CPU sizes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is steadiest on a shared CPU")
@@ -81,7 +79,7 @@ def ratio_rows(times, ftn, lora, matched):
 
 def run(args):
     torch.set_num_threads(args.threads)
-    batch, size = DEFAULTS[args.backbone]
+    batch, size = C.CPU_SIZES[args.backbone]
     batch, size = args.batch_size or batch, args.image_size or size
     backbone = C.build_backbone(args.backbone, size)
     x = backbone.make_input(batch, size).to(args.device)

@@ -55,6 +55,10 @@ def _clip_loss(model, x):
     return model(pixel_values=x).pooler_output.float().square().mean()
 
 
+# (batch, image size) per backbone that a 2-core CPU runs in a few minutes; GPU runs pass their own.
+CPU_SIZES = {"resnet50": (4, 64), "resnet18": (4, 64), "clip-qv": (2, 128), "clip-o": (2, 128)}
+
+
 def build_backbone(name: str, image_size: int) -> Backbone:
     """Full-size backbones with random weights: "resnet50", "resnet18", "clip-qv", "clip-o"."""
     torch.manual_seed(0)

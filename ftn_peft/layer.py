@@ -252,9 +252,7 @@ class FTNLayer(nn.Module, FTNTunerLayer):
         return self._forward_adapters(x, self._active_here())
 
     def _cast(self, adapter: str, dtype: torch.dtype) -> list[torch.Tensor]:
-        factors = (self.ftn_a[adapter], self.ftn_b[adapter], self.ftn_c[adapter]) if adapter in self.ftn_c \
-            else (self.ftn_a[adapter], self.ftn_b[adapter])
-        return [f if f.dtype == dtype else f.to(dtype) for f in factors]
+        return [f if f.dtype == dtype else f.to(dtype) for f in self.factors(adapter)]
 
     def __repr__(self) -> str:
         return "ftn." + super().__repr__()
