@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multidomain_data as data_lib  # noqa: E402
 import multidomain_report as report_lib  # noqa: E402
+import safe_checkpoint  # noqa: E402
 
 import ftn_peft  # noqa: E402,F401  (registers FTN in PEFT)
 from ftn_peft import baselines, optim  # noqa: E402
@@ -75,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--cache_dir", default=None, help="where the demo's source model is cached")
     p.add_argument("--source_epochs", type=int, default=15, help="epochs of the demo's source model (cached)")
     p.add_argument("--checkpointing_steps", type=int, default=None, help="save a resumable state every N steps")
-    p.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint file, or "latest" in output_dir')
+    p.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint.json (or its directory), or "latest" in output_dir')
     p.add_argument("--stop_after_steps", type=int, default=None, help="exit after N optimizer steps (kill tests)")
     p.add_argument("--num_threads", type=int, default=None, help="torch threads per process (demo default: 1)")
     p.add_argument("--adapter_hash_file", default=None, help="each process writes the hash of its adapters here")
@@ -194,9 +195,9 @@ def maybe_checkpoint(accelerator, args, job, model, optimizer, scheduler, step, 
                 "optimizer": optimizer.optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            path = Path(args.output_dir) / "checkpoint.pt"
-            torch.save(ckpt, str(path) + ".tmp")
-            os.replace(str(path) + ".tmp", path)  # a kill during the save leaves the previous checkpoint whole
+            # safetensors + JSON, never a pickle: loading a checkpoint cannot run code. A kill during the save
+            # leaves the previous checkpoint whole (checkpoint.json is replaced last).
+            safe_checkpoint.save_checkpoint(ckpt, args.output_dir, tag=state["global_step"])
     if args.stop_after_steps and state["global_step"] >= args.stop_after_steps:
         accelerator.print(f"stopping after {state['global_step']} steps (--stop_after_steps)")
         accelerator.wait_for_everyone()
@@ -236,11 +237,11 @@ def load_done(args) -> tuple[dict, dict | None]:
     results = Path(args.output_dir) / "results.jsonl"
     if args.resume_from_checkpoint and results.exists():
         done = {r["key"]: r for r in map(json.loads, results.read_text().splitlines())}
-    if args.resume_from_checkpoint:
-        path = Path(args.output_dir) / "checkpoint.pt" if args.resume_from_checkpoint == "latest" \
-            else Path(args.resume_from_checkpoint)
-        if path.exists():
-            resume = torch.load(path, weights_only=False)
+    if args.resume_from_checkpoint == "latest":
+        path = safe_checkpoint.find_checkpoint(args.output_dir)  # refuses a planted pickle (checkpoint.pt)
+        resume = None if path is None else safe_checkpoint.load_checkpoint(path)
+    elif args.resume_from_checkpoint:
+        resume = safe_checkpoint.load_checkpoint(args.resume_from_checkpoint)
     return done, resume
 
 

@@ -6,7 +6,13 @@ The optimizer is the paper's recipe from `ftn_peft.optim`, handed over with `opt
 
     python examples/trainer_clip.py                     # a small random CLIP config (nothing is downloaded)
     python examples/trainer_clip.py --model openai/clip-vit-base-patch32   # for users with Hub access
-    python examples/trainer_clip.py --timm              # the same with a timm ResNet
+    python examples/trainer_clip.py --timm              # the same with the demo's tiny timm ResNet
+    python examples/trainer_clip.py --timm resnet50     # a pretrained timm model (Hub access)
+
+The small random CLIP and the demo ResNet are shaped for the 16x16 one-channel digits and take them as they are.
+A real model expects its own input size, channels and normalisation: with `--model` the digits go through the
+model's own image processor (`AutoImageProcessor`), with `--timm NAME` through timm's transform for the model
+(`resolve_data_config` + `create_transform`), applied lazily per batch (`datasets`' `with_transform`).
 """
 
 from __future__ import annotations
@@ -65,12 +71,63 @@ def timm_loss(outputs, labels, num_items_in_batch=None):
     return F.cross_entropy(outputs.logits, labels)
 
 
-def datasets_for(domain: str, seed: int = 0, input_name: str = "pixel_values"):
+def timm_classifier(name: str, num_classes: int = 10, pretrained: bool = True, **kwargs):
+    """A named timm model with a fresh head, FTN on its ResNet convs, wrapped for the Trainer."""
+    import timm
+
+    timm_model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    config = ftn_peft.presets.resnet(r=1, num_classes=num_classes, model=timm_model)
+    return get_peft_model(TimmForTrainer(timm_model), config)
+
+
+def datasets_for(domain: str, seed: int = 0, input_name: str = "pixel_values", preprocess=None):
+    """(train, val) of a digits domain. `preprocess` (see `image_processor_for`, `timm_transform_for`) turns
+    PIL images into a model's input; without it the 16x16 one-channel tensors are fed as they are."""
     d = digits.make_domain(domain, seed)
+    if preprocess is not None:
+        return tuple(with_preprocessing(images_of(part), preprocess, input_name) for part in (d.train, d.val))
     train, val = digits.to_hf_dataset(d.train), digits.to_hf_dataset(d.val)
     if input_name != "pixel_values":
         train, val = (ds.rename_column("pixel_values", input_name) for ds in (train, val))
     return train, val
+
+
+def images_of(data):
+    """The digits as 8-bit greyscale PIL images (the standardisation undone) with their labels."""
+    import datasets
+    from PIL import Image
+
+    x, y = data.tensors
+    pixels = ((x[:, 0] * digits.STD + digits.MEAN).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(p, mode="L") for p in pixels],
+                                       "labels": y.numpy()})
+
+
+def image_processor_for(name_or_dir: str):
+    """The model's own `AutoImageProcessor` (size, channels, mean/std), as a function of a list of PIL images."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(name_or_dir)
+    return lambda images: processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+
+
+def timm_transform_for(model):
+    """timm's evaluation transform for `model` (its input size, channels, mean/std), on a list of PIL images."""
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    transform = create_transform(**config)
+    mode = "RGB" if config["input_size"][0] == 3 else "L"
+    return lambda images: torch.stack([transform(im.convert(mode)) for im in images])
+
+
+def with_preprocessing(images, preprocess, input_name: str = "pixel_values"):
+    """`images` with `preprocess` applied lazily, per batch as it is read: nothing preprocessed is stored."""
+
+    def transform(batch):
+        return {input_name: preprocess(batch["image"]), "labels": torch.as_tensor(batch["labels"])}
+
+    return images.with_transform(transform)
 
 
 def compute_metrics(eval_pred):
@@ -98,23 +155,34 @@ def make_trainer(model, train, val, output_dir: str, max_steps: int = 60, eval_s
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a CLIP id or dir; default: a small random CLIP")
-    p.add_argument("--timm", action="store_true", help="train a timm ResNet instead of CLIP")
+    p.add_argument("--timm", nargs="?", const="demo", default=None,
+                   help="train a timm model instead of CLIP: alone, the demo's tiny ResNet; or a timm model name")
     p.add_argument("--domain", default="rotated")
     p.add_argument("--max_steps", type=int, default=60)
-    p.add_argument("--output_dir", default="ftn_trainer_output")
+    p.add_argument("--output_dir", default="outputs/trainer_clip")
     p.add_argument("--resume_from_checkpoint", default=None)
     args = p.parse_args(argv)
-    if args.timm:
-        model, input_name = ftn_timm(), "x"
-    else:
-        base = CLIPForImageClassification.from_pretrained(args.model, num_labels=10) if args.model else None
-        model, input_name = ftn_clip(base), "pixel_values"
+    model, input_name, preprocess = build(args.model, args.timm)
     model.print_trainable_parameters()
-    train, val = datasets_for(args.domain, input_name=input_name)
-    trainer = make_trainer(model, train, val, args.output_dir, max_steps=args.max_steps, timm_model=args.timm)
+    train, val = datasets_for(args.domain, input_name=input_name, preprocess=preprocess)
+    trainer = make_trainer(model, train, val, args.output_dir, max_steps=args.max_steps,
+                           timm_model=args.timm is not None)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     print(trainer.evaluate())
     model.save_pretrained(f"{args.output_dir}/best_adapter")
+
+
+def build(model_name=None, timm_name=None):
+    """(FTN model, name of its input column, preprocessing or None) for the command-line choices."""
+    if timm_name == "demo":
+        return ftn_timm(), "x", None
+    if timm_name is not None:
+        model = timm_classifier(timm_name)
+        return model, "x", timm_transform_for(model.base_model.model.model)
+    if model_name is None:
+        return ftn_clip(), "pixel_values", None
+    base = CLIPForImageClassification.from_pretrained(model_name, num_labels=10)
+    return ftn_clip(base), "pixel_values", image_processor_for(model_name)
 
 
 if __name__ == "__main__":

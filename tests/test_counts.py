@@ -1,4 +1,4 @@
-"""SPEC.md's per-task factor counts on the full-size backbones (random weights), and the parameter report."""
+"""The per-task factor counts of docs/design.md ("Parameter counts") on the full-size backbones (random weights), and the parameter report."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_counts_grow_linearly_with_rank_and_beat_lora():
     assert ftn_peft.parameter_report(model)["default"].factor_params == 2 * 81_024
     lora = get_peft_model(vit_b32(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     lora_params = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
-    assert lora_params == 147_456 > 81_024  # SPEC.md: LoRA on Q and V at r = 4
+    assert lora_params == 147_456 > 81_024  # LoRA on Q and V at r = 4 (docs/design.md)
 
 
 def test_report_matches_paper_params_column():

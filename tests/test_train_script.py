@@ -60,7 +60,8 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     killed = tmp_path / "killed"
     # 15 steps per job: the run dies in the second job (seed 1) after step 20, its last checkpoint at step 18
     run([*common, "--output_dir", str(killed), "--stop_after_steps", "20"], tmp_path / "cache", expect=3)
-    assert (killed / "checkpoint.pt").exists() and not (killed / "ftn_r1" / "seed1").exists()
+    assert (killed / "checkpoint.json").exists() and not (killed / "ftn_r1" / "seed1").exists()
+    assert not list(killed.glob("*.pt")) and len(list(killed.glob("checkpoint-*.safetensors"))) == 1
     log = run([*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"], tmp_path / "cache")
     assert "ftn_r1/seed0/inverted/lr1 epoch" not in log  # the finished job is not trained again
     for seed in (0, 1):

@@ -72,3 +72,45 @@ def test_timm_model_trains_with_the_trainer(tmp_path):
     after = adapter_tensors(model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").exists()
+
+
+def test_a_saved_clip_gets_its_image_processors_size_channels_and_normalisation(tmp_path):
+    """`--model DIR`: the 16x16 one-channel digits reach the model as the processor makes them (32 px, RGB)."""
+    from transformers import CLIPImageProcessor
+
+    mean, std = [0.1, 0.5, 0.9], [0.5, 0.25, 0.2]
+    tc.small_clip(num_channels=3, image_size=32).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                       image_mean=mean, image_std=std).save_pretrained(tmp_path / "clip")
+    model, input_name, preprocess = tc.build(str(tmp_path / "clip"))
+    train, val = tc.datasets_for("inverted", input_name=input_name, preprocess=preprocess)
+    seen = []
+    model.base_model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["pixel_values"].detach().clone()), with_kwargs=True)
+    tc.make_trainer(model, train, val, str(tmp_path / "out"), max_steps=1, eval_steps=1,
+                    per_device_train_batch_size=8).train()
+    x = seen[0]
+    assert x.shape == (8, 3, 32, 32)
+    # undoing the processor's per-channel normalisation gives one grey image in [0, 1] in all three channels,
+    # with the inverted digits' white background at exactly 1
+    grey = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    torch.testing.assert_close(grey[:, 1:], grey[:, :1].expand(-1, 2, -1, -1), rtol=0, atol=1e-5)
+    assert grey.min() >= -1e-5 and grey.max() <= 1 + 1e-5
+    torch.testing.assert_close(grey.amax(dim=(1, 2, 3)), torch.ones(8))
+    assert len(seen) > 1  # the evaluation batches went through the same processor
+    assert all(s.shape[1:] == (3, 32, 32) for s in seen)
+
+
+def test_a_timm_model_gets_its_own_input_size_and_normalisation():
+    """`--timm NAME`: timm's transform for the model's pretrained config (here 3 x 24 px and its mean/std)."""
+    mean, std = (0.2, 0.4, 0.6), (0.3, 0.2, 0.1)
+    model = tc.timm_classifier("resnet18", pretrained=False, pretrained_cfg_overlay=dict(
+        input_size=(3, 24, 24), mean=mean, std=std, crop_pct=1.0, interpolation="bilinear"))
+    preprocess = tc.timm_transform_for(model.base_model.model.model)
+    train, _ = tc.datasets_for("inverted", input_name="x", preprocess=preprocess)
+    batch = train[:4]
+    assert batch["x"].shape == (4, 3, 24, 24) and batch["labels"].shape == (4,)
+    grey = batch["x"] * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    torch.testing.assert_close(grey[:, 1:], grey[:, :1].expand(-1, 2, -1, -1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(grey.amax(dim=(1, 2, 3)), torch.ones(4))
+    assert model(x=batch["x"]).logits.shape == (4, 10)
