@@ -2,7 +2,8 @@
 
 The reference rebuilds ΔW from the factors with tensorly's `cp_to_tensor` in the tensor layout of docs/design.md
 ("Factor layout": k² × Cin/g × Cout, d_model × d × n, in × out) and maps it to the torch weight layout with
-explicit permutes; the adapted forward must equal the base op run with W + ΔW, on both compute paths, and merging must add exactly ΔW.
+explicit permutes; the adapted forward must equal the base op run with W + ΔW, on both compute paths, and merging
+must add exactly ΔW.
 """
 
 from __future__ import annotations
