@@ -6,7 +6,7 @@
 Methods: base (inference only), LoRA at r, FTN at r with `compute="auto"` (the default rule), `"factorized"`
 (the factors as small ops) and `"materialized"` (W + ΔW built every call). Prints a markdown table of median
 training-step and inference times (ms) and their ratio to LoRA, and writes it to
-docs/compute_paths_<backbone>_<device>.md.
+compute_paths_<backbone>_<device>.md in --out (default outputs/bench_compute_paths/; docs/ from `--out docs`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--infer_repeats", type=int, default=9)
-    p.add_argument("--out", default=None, help="default docs/compute_paths_<backbone>_<device>.md")
+    p.add_argument("--out", default=None, help=C.OUT_HELP)
     return p.parse_args(argv)
 
 
@@ -83,7 +83,8 @@ def run(args) -> str:
 def main(argv=None):
     args = parse_args(argv)
     table = run(args)
-    out = args.out or os.path.join(C.DOCS, f"compute_paths_{args.backbone}_{args.device.split(':')[0]}.md")
+    out = os.path.join(C.output_dir(args.out, "bench_compute_paths"),
+                       f"compute_paths_{args.backbone}_{args.device.split(':')[0]}.md")
     with open(out, "w") as f:
         f.write(table)
     print(table)

@@ -3,7 +3,8 @@
     python benchmarks/bench_scaling.py                       # resnet18, CPU-sized defaults
     python benchmarks/bench_scaling.py --backbone resnet50 --device cuda --batch_size 64 --image_size 224
 
-Writes docs/scaling_<backbone>_<device>.{md,json,png}.
+Writes scaling_<backbone>_<device>.{md,json,png} into --out (default outputs/bench_scaling/; the files in docs/
+come from `--out docs`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--adapter_counts", type=int, nargs="+", default=[1, 5, 10, 20, 50])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help=C.OUT_HELP)
     return p.parse_args(argv)
 
 
@@ -137,8 +138,8 @@ def main(argv=None):
     result["ranks"] = rank_sweep(backbone, x, args)
     result["adapters"] = adapter_sweep(backbone, x, args)
     result["setup"]["wall_s"] = time.perf_counter() - t0
-    prefix = args.out or os.path.join(C.DOCS, f"scaling_{args.backbone}_{args.device.split(':')[0]}")
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    prefix = os.path.join(C.output_dir(args.out, "bench_scaling"),
+                          f"scaling_{args.backbone}_{args.device.split(':')[0]}")
     with open(prefix + ".json", "w") as f:
         json.dump(result, f, indent=1)
     plot(result, prefix + ".png")

@@ -9,8 +9,9 @@ models (deep copies of the backbone, each on its rows). Memory: the weights held
 the activation peak of a step above the resident memory before it (CPU: the process's VmHWM, reset through
 /proc/self/clear_refs; CUDA: max_memory_allocated).
 
-    python benchmarks/bench_serving.py --model resnet18 --res 64 --batch 8 --repeats 7 --threads 1 \
-        --out docs/serving_bench.json --plot docs/serving.png
+    python benchmarks/bench_serving.py --model resnet18 --res 64 --batch 8 --repeats 7 --threads 1 --out docs
+
+Writes serving_bench.json and serving.png into --out (default outputs/bench_serving/).
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ import argparse
 import copy
 import ctypes
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
 
 METHODS = {
     "all-tasks": ["ftn-batched", "ftn-all-tasks-loop", "ftn-loop", "separate-models"],
@@ -131,7 +137,7 @@ def measure(args, workload: str, method: str, model, names: list[str]) -> dict:
                 weights_mib=_weights_mib(model), activation_peak_mib=max(extra, 0.0))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet18", help="timm ResNet name (random weights)")
     p.add_argument("--res", type=int, default=64)
@@ -141,9 +147,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--plot", default=None, help="draw outputs/s against T into this PNG")
-    args = p.parse_args()
+    p.add_argument("--out", default=None, help=C.OUT_HELP)
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
     for t in args.tasks:
@@ -157,11 +162,12 @@ def main() -> None:
                 results.append(res)
                 print(f"{workload:9s} T={t:2d} {method:18s} {res['outputs_per_s']:8.1f} outputs/s  weights "
                       f"{res['weights_mib']:6.1f} MiB  activation peak {res['activation_peak_mib']:6.1f} MiB")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(config=vars(args), results=results), f, indent=1)
-    if args.plot:
-        plot(results, args.plot, f"{args.model} at {args.res}x{args.res}, batch {args.batch}, {args.device}")
+    out = C.output_dir(args.out, "bench_serving")
+    with open(os.path.join(out, "serving_bench.json"), "w") as f:
+        json.dump(dict(config=vars(args), results=results), f, indent=1)
+    plot(results, os.path.join(out, "serving.png"),
+         f"{args.model} at {args.res}x{args.res}, batch {args.batch}, {args.device}")
+    print(f"wrote {out}/serving_bench.json and serving.png")
 
 
 def plot(results: list[dict], path: str, title: str) -> None:

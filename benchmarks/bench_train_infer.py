@@ -3,7 +3,8 @@
     python benchmarks/bench_train_infer.py --backbone resnet50            # CPU-sized defaults
     python benchmarks/bench_train_infer.py --backbone clip-qv --device cuda --batch_size 64 --image_size 224
 
-Prints a table and writes docs/bench_<backbone>_<device>.{md,csv,json}. Methods: base (inference only), full
+Prints a table and writes bench_<backbone>_<device>.{md,csv,json} into --out (default outputs/bench_train_infer/;
+the tables in docs/ come from `--out docs`). Methods: base (inference only), full
 fine-tuning, LoRA at FTN's ranks on the same targets, LoRA at the rank closest to FTN's factor-parameter count, FTN.
 """
 
@@ -36,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--adapters", type=int, default=10, help="adapters to switch among")
     p.add_argument("--no_memory", action="store_true", help="skip the (slow on CPU) peak-memory step")
-    p.add_argument("--out", default=None, help="output prefix; default docs/bench_<backbone>_<device>")
+    p.add_argument("--out", default=None, help=C.OUT_HELP)
     return p.parse_args(argv)
 
 
@@ -185,7 +186,8 @@ def write(result, prefix):
 def main(argv=None):
     args = parse_args(argv)
     result = run(args)
-    prefix = args.out or os.path.join(C.DOCS, f"bench_{args.backbone}_{args.device.split(':')[0]}")
+    prefix = os.path.join(C.output_dir(args.out, "bench_train_infer"),
+                          f"bench_{args.backbone}_{args.device.split(':')[0]}")
     write(result, prefix)
     print(to_markdown(result))
     print(f"wrote {prefix}.md/.csv/.json")

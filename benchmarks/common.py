@@ -30,7 +30,15 @@ import ftn_peft  # noqa: F401  (registers peft_type "FTN")
 from ftn_peft import presets
 from peft import LoraConfig, get_peft_model
 
-DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+OUT_HELP = "output directory; default outputs/<script>/ (ignored by git); maintainers pass --out docs"
+
+
+def output_dir(out, script: str) -> str:
+    """`out`, or outputs/<script>/ under the working directory: a user's run never writes into docs/."""
+    path = out or os.path.join("outputs", script)
+    os.makedirs(path, exist_ok=True)
+    return path
+
 NUM_CLASSES = 10  # a small head keeps the trainable counts about the adapters, not the classifier
 
 

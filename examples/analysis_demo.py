@@ -1,10 +1,11 @@
 """What each layer of an FTN adapter learned, on the built-in digits demo: heatmaps, pruning curves, ranks chosen
 by a group penalty, and conversion of a fine-tuned model (the paper's appendices B, C and E).
 
-    python examples/analysis_demo.py --out docs            # all experiments (about 10 minutes on 1 CPU core)
-    python examples/analysis_demo.py --out docs --only heatmap prune
+    python examples/analysis_demo.py                       # all experiments (about 10 minutes on 1 CPU core)
+    python examples/analysis_demo.py --only heatmap prune
 
-Every number in docs/analysis.md comes from this script; it writes the PNGs and a JSON of the results to --out.
+It writes the PNGs and a JSON of the results to --out (default outputs/analysis_demo/, ignored by git). Every
+number in docs/analysis.md comes from this script, run with `--out docs` (see docs/make_all.py).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ HEAD_LR = 1e-2  # Adam, task BatchNorm and head
 _CACHE: dict = {}
 
 
-def train(model, domain, seed: int, penalty: float = 0.0, adapter: str = "default", epochs: int = EPOCHS) -> None:
+def train(model, domain, seed: int, penalty: float = 0.0, adapter: str = "default", epochs=None) -> None:
     """Adam on every trainable parameter, cosine schedule; `penalty` adds the group-sparsity term (FTN only)."""
+    epochs = EPOCHS if epochs is None else epochs  # read at call time: --epochs changes it
     heads = {id(p) for m in model.modules() if isinstance(m, (ftn_peft.TaskNorm, ftn_peft.TaskHead,
                                                              torch.nn.BatchNorm2d, torch.nn.Linear))
              for p in m.parameters()}
@@ -209,13 +211,17 @@ def conversion(domain_name: str, seeds, ranks) -> dict:
     return {"rows": rows, "mean_layer_error": errors}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    global EPOCHS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--out", type=Path, default=Path("outputs/analysis_demo"),
+                        help="output directory (default outputs/analysis_demo/); maintainers pass --out docs")
     parser.add_argument("--only", nargs="*", default=["heatmap", "prune", "ranks", "convert"])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
-    args = parser.parse_args()
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs per model (the recipe: {EPOCHS})")
+    args = parser.parse_args(argv)
+    EPOCHS = args.epochs
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--target_modules", default=None, help="regex of FTN/LoRA targets (auto for ResNets and CLIP)")
     p.add_argument("--head_module", default=None, help="name of the classifier Linear (auto for ResNets and CLIP)")
     p.add_argument("--image_size", type=int, default=224, help="for non-demo data without a processor")
-    p.add_argument("--output_dir", default="ftn_multidomain_output")
+    p.add_argument("--output_dir", default="outputs/train_multidomain", help="ignored by git")
     p.add_argument("--cache_dir", default=None, help="where the demo's source model is cached")
     p.add_argument("--source_epochs", type=int, default=15, help="epochs of the demo's source model (cached)")
     p.add_argument("--checkpointing_steps", type=int, default=None, help="save a resumable state every N steps")
