@@ -99,7 +99,7 @@ def images_of(data):
 
     x, y = data.tensors
     pixels = ((x[:, 0] * digits.STD + digits.MEAN).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    return datasets.Dataset.from_dict({"image": [Image.fromarray(p, mode="L") for p in pixels],
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(p) for p in pixels],
                                        "labels": y.numpy()})
 
 

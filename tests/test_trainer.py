@@ -114,3 +114,28 @@ def test_a_timm_model_gets_its_own_input_size_and_normalisation():
     torch.testing.assert_close(grey[:, 1:], grey[:, :1].expand(-1, 2, -1, -1), rtol=0, atol=1e-5)
     torch.testing.assert_close(grey.amax(dim=(1, 2, 3)), torch.ones(4))
     assert model(x=batch["x"]).logits.shape == (4, 10)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "payload ran"))
+
+
+def test_resuming_from_a_planted_trainer_checkpoint_runs_no_code(tmp_path, data):
+    """The Trainer reads optimizer.pt / scheduler.pt / rng_state.pth with torch.load(weights_only=True)."""
+    import pickle
+
+    model = tc.ftn_clip()
+    tc.make_trainer(model, *data, str(tmp_path), max_steps=2, eval_steps=2, load_best_model_at_end=False).train()
+    marker = tmp_path / "marker"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        if (tmp_path / "checkpoint-2" / name).exists():
+            torch.save({"state": _Payload(marker)}, tmp_path / "checkpoint-2" / name)
+    trainer = tc.make_trainer(tc.ftn_clip(), *data, str(tmp_path), max_steps=4, eval_steps=2,
+                              load_best_model_at_end=False)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert not marker.exists()
