@@ -3,6 +3,7 @@
     python docs/make_all.py --out docs                  # everything (hours on a 2-core CPU; run on a quiet machine)
     python docs/make_all.py --out docs --only serving demo
     python docs/make_all.py --quick                     # every command at toy sizes, into outputs/make_all/
+                                                        # (16 min on a busy 2-core CPU)
 
 Each job below runs one script and lists the files it makes; after the job, every listed file must have been
 written again, so this list cannot silently fall behind the scripts. `--quick` runs the same scripts with tiny
@@ -48,7 +49,7 @@ class Job:
 
 
 DEMO_QUICK = ["--domains", "inverted", "--methods", "ftn,bn_head", "--ranks", "1", "--seeds", "0", "--lr_grid", "1",
-              "--epochs", "1", "--source_epochs", "1", "--cache_dir", "{work}/cache"]
+              "--epochs", "1", "--source_epochs", "1", "--cache_dir", "{work}/../cache"]
 ANALYSIS_QUICK = ["--epochs", "1", "--seeds", "0"]
 BENCH_QUICK = ["--ranks", "1", "--repeats", "1", "--infer_repeats", "1", "--adapters", "2", "--no_memory"]
 
