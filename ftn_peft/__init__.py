@@ -6,6 +6,7 @@ Importing the package registers the method "FTN" in PEFT, so `get_peft_model`, `
 
 from peft import mapping as _mapping
 
+from . import loading as _loading
 from . import saving as _saving
 from .config import FTNConfig
 from .layer import BASE_ADAPTER, FTNLayer
@@ -25,6 +26,7 @@ def _register() -> None:
     _mapping.PEFT_TYPE_TO_TUNER_MAPPING[FTN_PEFT_TYPE] = FTNModel
     _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[FTN_PEFT_TYPE] = PREFIX
     _saving.install()
+    _loading.install()
 
 
 _register()

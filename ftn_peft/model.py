@@ -8,17 +8,12 @@ from functools import partial
 from typing import Optional
 
 from torch import nn
-from peft.tuners.tuners_utils import (
-    BaseTuner,
-    BaseTunerLayer,
-    _filter_state_dict_by_key_prefixes,
-    _get_tuner_state_dict_key_prefixes,
-    check_target_module_exists,
-)
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils.other import get_pattern_key
 
 from .config import FTNConfig
 from .layer import BASE_ADAPTER, LAYER_CLASSES, FTNLayer, FTNTunerLayer
+from .loading import check_adapter_state_dict
 from .peft_type import PREFIX
 from .task_layers import TaskHead, TaskNorm
 
@@ -225,26 +220,9 @@ class FTNModel(BaseTuner):
     # --- loading ---------------------------------------------------------------------------------------
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's key remapping, then a strict check: every FTN key present, none extra, every shape equal."""
+        """PEFT's key remapping, then loading.check_adapter_state_dict: exactly this adapter's tensors, sane values."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
-        missing = sorted(set(expected) - set(remapped))
-        unexpected = sorted(k for k in remapped if k not in expected and PREFIX in k)
-        mismatched = [
-            f"{k}: checkpoint {tuple(remapped[k].shape)} vs model {tuple(v.shape)}"
-            for k, v in expected.items() if k in remapped and remapped[k].shape != v.shape
-        ]
-        if missing or unexpected or mismatched:
-            details = []
-            for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-                if keys:
-                    details.append(f"{title} ({len(keys)}): {keys[:5]}{' ...' if len(keys) > 5 else ''}")
-            raise ValueError(
-                f"the saved FTN adapter {adapter_name!r} does not fit this model: " + "; ".join(details) + ". "
-                "It was saved for another architecture, rank or head size: load it into the base model it was "
-                "trained on, with its own adapter_config.json"
-            )
+        check_adapter_state_dict(model, adapter_name, remapped)
         return remapped
 
     # --- merging and mixed batches ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Atomic saves, Hub tags and clear load errors for FTN adapters.
+"""Atomic saves and Hub tags for FTN adapters (the load side is in loading.py).
 
 PEFT writes adapter files in place, so a save that dies half-way can leave a directory whose config points at a
 truncated weight file. For models holding an FTN adapter, `PeftModel.save_pretrained` is wrapped: PEFT writes into a
@@ -16,10 +16,9 @@ import tempfile
 
 from huggingface_hub import ModelCard
 from peft import PeftModel
-from peft.utils import save_and_load
-from safetensors import SafetensorError
-from peft.utils.constants import CONFIG_NAME
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
+from .loading import CorruptAdapterFileError, seal  # noqa: F401  (CorruptAdapterFileError: re-exported)
 from .peft_type import FTN_PEFT_TYPE
 
 FTN_TAGS = ("ftn", "factorized-tensor-network", "peft")
@@ -74,6 +73,9 @@ def atomic_save_pretrained(original):
         try:
             original(self, tmp, *args, **kwargs)
             _add_tags(tmp)
+            for folder, _, names in os.walk(tmp):
+                if SAFETENSORS_WEIGHTS_NAME in names:
+                    seal(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
             _fsync_tree(tmp)
             os.makedirs(save_directory, exist_ok=True)
             _move_into_place(tmp, save_directory)
@@ -84,29 +86,7 @@ def atomic_save_pretrained(original):
     return save_pretrained
 
 
-class CorruptAdapterFileError(ValueError):
-    """An adapter weight file that is truncated or otherwise not valid safetensors."""
-
-
-def checked_safe_load(original):
-    @functools.wraps(original)
-    def safe_load_file(filename, *args, **kwargs):
-        try:
-            return original(filename, *args, **kwargs)
-        except SafetensorError as err:
-            size = os.path.getsize(filename) if os.path.exists(filename) else 0
-            raise CorruptAdapterFileError(
-                f"{filename} ({size} bytes) is not a complete safetensors file ({err}): it is truncated or corrupt. "
-                "Save or download the adapter again."
-            ) from err
-
-    safe_load_file._ftn_checked = True
-    return safe_load_file
-
-
 def install() -> None:
-    """Wrap PEFT's adapter save (atomic for FTN models) and weight load (clear error on corrupt files)."""
+    """Wrap PEFT's adapter save (atomic for FTN models); the load side lives in loading.py."""
     if not getattr(PeftModel.save_pretrained, "_ftn_atomic", False):
         PeftModel.save_pretrained = atomic_save_pretrained(PeftModel.save_pretrained)
-    if not getattr(save_and_load.safe_load_file, "_ftn_checked", False):
-        save_and_load.safe_load_file = checked_safe_load(save_and_load.safe_load_file)

@@ -1,0 +1,390 @@
+"""Loading FTN adapters: only the adapter's own tensors, checked values, and errors that name the file and field.
+
+Every FTN adapter shares one frozen backbone, so a load must never write anything but the adapter being loaded:
+`check_adapter_state_dict` (called by `FTNModel._remap_adapter_state_dict_for_load`, i.e. before PEFT copies a single
+tensor) accepts exactly the adapter's factors, task BatchNorm copies (running statistics included), task head and its
+own `modules_to_save` entries, and refuses anything else by name. Values are checked too: non-finite or non-floating
+tensors and impossible BatchNorm statistics are refused, unless `FTN_PEFT_SKIP_VALUE_CHECKS=1` is set or the load runs
+inside `skip_value_checks()` (the key checks cannot be switched off).
+
+`install()` hooks PEFT's readers as narrowly as possible, so LoRA and other methods load exactly as without ftn_peft:
+- `PeftConfig.from_json_file`: a file that is not a JSON object, or names a PEFT type nobody registered, gets an
+  `AdapterConfigError` naming the file (subclassing the `JSONDecodeError` / `KeyError` PEFT raised before, so existing
+  handlers still match); an FTN config is also checked field by field.
+- `PeftConfig._get_peft_type` (the first read of a model load): a missing `peft_type`, and an FTN directory without
+  weights (PEFT would take the local path for a Hub repo id).
+- `PeftModel.from_pretrained`: an FTN config whose `task_type` needs a transformers model, given a model without
+  `.config`.
+- the weight readers of `peft.utils.save_and_load`: for files whose `adapter_config.json` says FTN only, an unreadable
+  file raises `CorruptAdapterFileError` naming it and its size, and the checksum written by `seal` is verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import pickle
+import typing
+import zipfile
+from contextlib import contextmanager
+from contextvars import ContextVar
+from enum import Enum
+
+import torch
+from peft import PeftConfig, PeftModel
+from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+from peft.utils import save_and_load
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.utils.other import AuxiliaryTrainingWrapper
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save, save_file
+
+from .peft_type import FTN_PEFT_TYPE
+
+SKIP_VALUE_CHECKS_ENV = "FTN_PEFT_SKIP_VALUE_CHECKS"
+DIGEST_KEY = "ftn_sha256"
+_MAX_LISTED = 5
+_skip_values: ContextVar[bool] = ContextVar("ftn_skip_value_checks", default=False)
+
+
+class CorruptAdapterFileError(ValueError):
+    """An adapter weight file that is truncated, not valid safetensors, or fails its checksum."""
+
+
+class AdapterConfigError(ValueError):
+    """An adapter_config.json that cannot describe an adapter; the message names the file and the field."""
+
+
+class AdapterWeightsError(ValueError):
+    """Tensors of an adapter file that do not belong to the adapter, or values it cannot hold."""
+
+
+class _ConfigJSONError(AdapterConfigError, json.JSONDecodeError):
+    pass
+
+
+class _PeftTypeError(AdapterConfigError, KeyError):
+    __str__ = BaseException.__str__  # KeyError would print the message as a quoted repr
+
+
+@contextmanager
+def skip_value_checks():
+    """Load adapters whose tensors hold non-finite values or impossible BatchNorm statistics (experts only)."""
+    token = _skip_values.set(True)
+    try:
+        yield
+    finally:
+        _skip_values.reset(token)
+
+
+def _value_checks_enabled() -> bool:
+    return not (_skip_values.get() or os.environ.get(SKIP_VALUE_CHECKS_ENV, "") not in ("", "0"))
+
+
+def _listed(items) -> str:
+    items = list(items)
+    return f"{items[:_MAX_LISTED]}{' ...' if len(items) > _MAX_LISTED else ''}"
+
+
+# --- the state dict of one adapter ----------------------------------------------------------------------
+def check_adapter_state_dict(model: torch.nn.Module, adapter_name: str, state_dict: dict) -> None:
+    """Refuse a remapped checkpoint that is not exactly this FTN adapter's tensors, or holds impossible values."""
+    model_state = model.state_dict()
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    expected = _filter_state_dict_by_key_prefixes(model_state, prefixes)
+    allowed = set(expected) | _auxiliary_keys(model, adapter_name)
+    foreign = sorted(k for k in state_dict if k not in allowed)
+    if foreign:
+        backbone = [k for k in foreign if k in model_state]
+        raise AdapterWeightsError(
+            f"the checkpoint of FTN adapter {adapter_name!r} holds {len(foreign)} tensors that are not this adapter's: "
+            f"{_listed(foreign)}"
+            + (f"; {len(backbone)} of them would overwrite the shared frozen model or another adapter" if backbone else "")
+            + ". An FTN adapter file holds only its factors, task BatchNorms, task head and modules_to_save; "
+            "save it with save_pretrained, or drop those keys from the file. Nothing was loaded."
+        )
+    missing = sorted(set(expected) - set(state_dict))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or mismatched:
+        details = [f"{title} ({len(keys)}): {_listed(keys)}" for title, keys in (("missing", missing), ("shape mismatch", mismatched)) if keys]
+        raise AdapterWeightsError(
+            f"the saved FTN adapter {adapter_name!r} does not fit this model: " + "; ".join(details) + ". "
+            "It was saved for another architecture, rank or head size: load it into the base model it was "
+            "trained on, with its own adapter_config.json"
+        )
+    if _value_checks_enabled():
+        problems = [p for k, v in state_dict.items() if (p := _value_problem(k, v, model_state[k]))]
+        if problems:
+            raise AdapterWeightsError(
+                f"FTN adapter {adapter_name!r} holds impossible values: {_listed(problems)}. The file is damaged or "
+                "was saved from a diverged run; retrain or save it again (experts: set "
+                f"{SKIP_VALUE_CHECKS_ENV}=1 or load inside ftn_peft.loading.skip_value_checks() to load it anyway)"
+            )
+
+
+def _auxiliary_keys(model: torch.nn.Module, adapter_name: str) -> set[str]:
+    """Model keys of this adapter's modules_to_save (and other auxiliary wrappers), as PEFT loads them."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in getattr(module, "_adapters", ()):
+            name = name.removeprefix("_fsdp_wrapped_module.")
+            keys.update(f"{name}.{v}" for v in module.adapter_state_dict_load_map(adapter_name).values())
+    return keys
+
+
+def _value_problem(key: str, value: torch.Tensor, target: torch.Tensor):
+    if target.is_floating_point():
+        if not value.is_floating_point():
+            return f"{key} is {value.dtype}, expected a floating-point tensor"
+        if not torch.isfinite(value).all():
+            return f"{key} holds {int((~torch.isfinite(value)).sum())} NaN/inf values"
+        if key.endswith("running_var") and (value < 0).any():
+            return f"{key} holds a negative variance"
+        return None
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        return f"{key} is {value.dtype}, expected an integer tensor like the model's {target.dtype}"
+    if (value < 0).any():
+        return f"{key} is negative"
+    return None
+
+
+# --- weight files -------------------------------------------------------------------------------------
+def _digest(tensors: dict) -> str:
+    return hashlib.sha256(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})).hexdigest()
+
+
+def seal(path: str) -> None:
+    """Add a checksum of the tensors to a saved FTN safetensors file; loads then refuse a file whose bytes changed."""
+    with safe_open(path, "pt") as f:
+        metadata = dict(f.metadata() or {})
+    tensors = load_file(path)
+    save_file(tensors, path, metadata={**metadata, DIGEST_KEY: _digest(tensors)})
+
+
+def _is_ftn_file(filename) -> bool:
+    try:
+        with open(os.path.join(os.path.dirname(os.fspath(filename)), CONFIG_NAME)) as f:
+            config = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+    return isinstance(config, dict) and config.get("peft_type") == FTN_PEFT_TYPE.value
+
+
+def _corrupt(filename, err: Exception) -> CorruptAdapterFileError:
+    size = os.path.getsize(filename) if os.path.exists(filename) else 0
+    return CorruptAdapterFileError(
+        f"{filename} ({size} bytes) is not a complete adapter weight file ({type(err).__name__}: {err}): it is "
+        "truncated or corrupt. Save or download the adapter again."
+    )
+
+
+def _checked_safe_load(original):
+    @functools.wraps(original)
+    def safe_load_file(filename, *args, **kwargs):
+        if not _is_ftn_file(filename):
+            return original(filename, *args, **kwargs)
+        try:
+            tensors = original(filename, *args, **kwargs)
+            with safe_open(filename, "pt") as f:
+                expected = (f.metadata() or {}).get(DIGEST_KEY)
+        except (SafetensorError, OSError, ValueError, OverflowError) as err:
+            raise _corrupt(filename, err) from err
+        if expected is not None and expected != _digest(tensors):
+            raise _corrupt(filename, ValueError(f"the tensors do not match the {DIGEST_KEY} checksum written on save"))
+        return tensors
+
+    safe_load_file._ftn_checked = True
+    return safe_load_file
+
+
+def _checked_torch_load(original):
+    @functools.wraps(original)
+    def torch_load(filename, *args, **kwargs):
+        if not _is_ftn_file(filename):
+            return original(filename, *args, **kwargs)
+        try:
+            return original(filename, *args, **kwargs)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
+            raise _corrupt(filename, err) from err
+
+    torch_load._ftn_checked = True
+    return torch_load
+
+
+# --- adapter_config.json --------------------------------------------------------------------------------
+def _checked_from_json_file(original):
+    @functools.wraps(original)
+    def from_json_file(cls, path_json_file, **kwargs):
+        try:
+            with open(path_json_file) as f:
+                content = json.load(f)
+        except json.JSONDecodeError as err:
+            exc = _ConfigJSONError(err.msg, err.doc, err.pos)
+            exc.args = (
+                f"{path_json_file} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); it is "
+                "truncated or was edited by hand. Save the adapter again or fix the file.",
+            )
+            raise exc from err
+        if not isinstance(content, dict):
+            raise AdapterConfigError(f"{path_json_file} holds a JSON {type(content).__name__}, not an object of fields")
+        peft_type = content.get("peft_type")
+        if peft_type is not None:
+            _check_peft_type(path_json_file, peft_type)
+        if peft_type == FTN_PEFT_TYPE.value:
+            _check_ftn_fields(path_json_file, content)
+        return original(cls, path_json_file, **kwargs)
+
+    from_json_file._ftn_checked = True
+    return from_json_file
+
+
+def _check_peft_type(path, peft_type) -> None:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if isinstance(peft_type, str) and peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        return
+    known = sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
+    raise _PeftTypeError(
+        f"{path}: peft_type={peft_type!r} is not a registered PEFT method (known: {', '.join(known)}); fix the "
+        "field, or import the package that registers the method (for FTN: import ftn_peft)"
+    )
+
+
+def _check_ftn_fields(path, content: dict) -> None:
+    from .config import FTNConfig
+
+    hints = typing.get_type_hints(FTNConfig)
+    fields = {f.name for f in dataclasses.fields(FTNConfig) if f.init}
+    for name, value in content.items():
+        if name in fields and name != "peft_type" and not _matches(value, hints[name]):
+            raise AdapterConfigError(f"{path}: field {name!r} = {value!r} is not a valid {_type_name(hints[name])}")
+        bad = _non_finite(value)
+        if bad is not None:
+            raise AdapterConfigError(f"{path}: field {name!r} holds the non-finite number {bad}")
+    if content.get("target_modules") is None:
+        raise AdapterConfigError(
+            f"{path}: field 'target_modules' is missing or null, so the adapter fits no layer; save the adapter again"
+        )
+    try:
+        FTNConfig(**{k: v for k, v in content.items() if k in fields})
+    except (ValueError, TypeError) as err:
+        raise AdapterConfigError(f"{path}: {err}") from err
+
+
+def _non_finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((bad for v in children if (bad := _non_finite(v)) is not None), None)
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if origin in (list, set) or hint in (list, set):
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str or (isinstance(hint, type) and issubclass(hint, Enum)):
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+def _local_config_file(model_id, subfolder=None):
+    path = os.path.join(model_id, subfolder) if subfolder is not None else model_id
+    config_file = os.path.join(os.fspath(path), CONFIG_NAME)
+    return config_file if os.path.isfile(config_file) else None
+
+
+def _checked_get_peft_type(original):
+    @functools.wraps(original)
+    def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):
+        config_file = _local_config_file(model_id, hf_hub_download_kwargs.get("subfolder"))
+        if config_file is not None:
+            content = PeftConfig.from_json_file(config_file)
+            if "peft_type" not in content:
+                raise _PeftTypeError(
+                    f"{config_file} has no field 'peft_type', so it does not say which PEFT method saved it; "
+                    "save the adapter again (for FTN: \"peft_type\": \"FTN\")"
+                )
+            if content["peft_type"] == FTN_PEFT_TYPE.value:
+                folder = os.path.dirname(config_file)
+                if not any(os.path.isfile(os.path.join(folder, w)) for w in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+                    raise AdapterConfigError(
+                        f"{folder} holds {CONFIG_NAME} but no weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}): "
+                        "the save did not finish or the file was removed; save the adapter again"
+                    )
+        return original(cls, model_id, **hf_hub_download_kwargs)
+
+    _get_peft_type._ftn_checked = True
+    return _get_peft_type
+
+
+def _checked_from_pretrained(original):
+    @functools.wraps(original)
+    def from_pretrained(cls, model, model_id, *args, **kwargs):
+        config = args[2] if len(args) > 2 else kwargs.get("config")  # after adapter_name, is_trainable
+        if config is None:
+            _check_task_type(model, model_id, kwargs.get("subfolder"))
+        return original(cls, model, model_id, *args, **kwargs)
+
+    from_pretrained._ftn_checked = True
+    return from_pretrained
+
+
+def _check_task_type(model, model_id, subfolder) -> None:
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    config_file = _local_config_file(model_id, subfolder)
+    if config_file is None:
+        return
+    content = PeftConfig.from_json_file(config_file)
+    task_type = content.get("task_type")
+    if content.get("peft_type") != FTN_PEFT_TYPE.value or task_type not in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
+        return
+    if getattr(model, "config", None) is None:
+        raise AdapterConfigError(
+            f"{config_file}: task_type={task_type!r} needs a transformers model (PEFT's "
+            f"{MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task_type].__name__} reads model.config), but the base model is a "
+            f"{type(model).__name__} without .config; set \"task_type\": null in the file to load it into this model"
+        )
+
+
+def _wrap_classmethod(cls, name: str, wrapper) -> None:
+    owner = next(c for c in cls.__mro__ if name in c.__dict__)  # wrap where PEFT defines it, for every subclass
+    current = owner.__dict__[name]
+    if not getattr(current.__func__, "_ftn_checked", False):
+        setattr(owner, name, classmethod(wrapper(current.__func__)))
+
+
+def install() -> None:
+    """Hook PEFT's config and weight readers; idempotent. Non-FTN adapters load exactly as without ftn_peft."""
+    _wrap_classmethod(PeftConfig, "from_json_file", _checked_from_json_file)
+    _wrap_classmethod(PeftConfig, "_get_peft_type", _checked_get_peft_type)
+    _wrap_classmethod(PeftModel, "from_pretrained", _checked_from_pretrained)
+    if not getattr(save_and_load.safe_load_file, "_ftn_checked", False):
+        save_and_load.safe_load_file = _checked_safe_load(save_and_load.safe_load_file)
+    if not getattr(save_and_load.torch_load, "_ftn_checked", False):
+        save_and_load.torch_load = _checked_torch_load(save_and_load.torch_load)
