@@ -35,7 +35,7 @@ from contextvars import ContextVar
 from enum import Enum
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig, PeftModel, peft_model
 from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
 from peft.utils import save_and_load
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -91,15 +91,17 @@ def _listed(items) -> str:
 
 
 # --- the state dict of one adapter ----------------------------------------------------------------------
-def check_adapter_state_dict(model: torch.nn.Module, adapter_name: str, state_dict: dict) -> None:
-    """Refuse a remapped checkpoint that is not exactly this FTN adapter's tensors, or holds impossible values."""
+def check_adapter_state_dict(model: torch.nn.Module, adapter_name: str, checkpoint: dict, state_dict: dict) -> None:
+    """Refuse a checkpoint (remapped to model keys: `state_dict`) that is not exactly this FTN adapter's tensors, or
+    that holds impossible values. Messages name the keys as they are in the file."""
+    in_file = dict(zip(state_dict, checkpoint))  # the remapping keeps the order
     model_state = model.state_dict()
     prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
     expected = _filter_state_dict_by_key_prefixes(model_state, prefixes)
     allowed = set(expected) | _auxiliary_keys(model, adapter_name)
-    foreign = sorted(k for k in state_dict if k not in allowed)
+    foreign = sorted(in_file[k] for k in state_dict if k not in allowed)
     if foreign:
-        backbone = [k for k in foreign if k in model_state]
+        backbone = [k for k in state_dict if k not in allowed and k in model_state]
         raise AdapterWeightsError(
             f"the checkpoint of FTN adapter {adapter_name!r} holds {len(foreign)} tensors that are not this adapter's: "
             f"{_listed(foreign)}"
@@ -120,7 +122,7 @@ def check_adapter_state_dict(model: torch.nn.Module, adapter_name: str, state_di
             "trained on, with its own adapter_config.json"
         )
     if _value_checks_enabled():
-        problems = [p for k, v in state_dict.items() if (p := _value_problem(k, v, model_state[k]))]
+        problems = [p for k, v in state_dict.items() if (p := _value_problem(in_file[k], v, model_state[k]))]
         if problems:
             raise AdapterWeightsError(
                 f"FTN adapter {adapter_name!r} holds impossible values: {_listed(problems)}. The file is damaged or "
@@ -129,13 +131,33 @@ def check_adapter_state_dict(model: torch.nn.Module, adapter_name: str, state_di
             )
 
 
-def _auxiliary_keys(model: torch.nn.Module, adapter_name: str) -> set[str]:
-    """Model keys of this adapter's modules_to_save (and other auxiliary wrappers), as PEFT loads them."""
+def _checked_set_state_dict(original):
+    @functools.wraps(original)
+    def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name="default", *args, **kwargs):
+        config = getattr(model, "peft_config", {}).get(adapter_name)
+        if getattr(config, "peft_type", None) == FTN_PEFT_TYPE:
+            # PEFT looks up every modules_to_save tensor before the tuner sees the checkpoint (a bare KeyError)
+            missing = sorted(k for k in _auxiliary_keys(model, adapter_name, saved=True) if k not in peft_model_state_dict)
+            if missing:
+                raise AdapterWeightsError(
+                    f"the checkpoint of FTN adapter {adapter_name!r} lacks {len(missing)} modules_to_save tensors: "
+                    f"{_listed(missing)}. Its adapter_config.json lists modules the file does not hold; load it "
+                    "with the adapter_config.json it was saved with. Nothing was loaded."
+                )
+        return original(model, peft_model_state_dict, adapter_name, *args, **kwargs)
+
+    set_peft_model_state_dict._ftn_checked = True
+    return set_peft_model_state_dict
+
+
+def _auxiliary_keys(model: torch.nn.Module, adapter_name: str, saved: bool = False) -> set[str]:
+    """Keys of this adapter's modules_to_save (and other auxiliary wrappers): as saved, or as loaded into the model."""
     keys = set()
     for name, module in model.named_modules():
-        if isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in getattr(module, "_adapters", ()):
+        if isinstance(module, AuxiliaryTrainingWrapper):  # the same walk as set_peft_model_state_dict
             name = name.removeprefix("_fsdp_wrapped_module.")
-            keys.update(f"{name}.{v}" for v in module.adapter_state_dict_load_map(adapter_name).values())
+            key_map = module.adapter_state_dict_load_map(adapter_name)
+            keys.update(f"{name}.{k if saved else v}" for k, v in key_map.items())
     return keys
 
 
@@ -384,6 +406,8 @@ def install() -> None:
     _wrap_classmethod(PeftConfig, "from_json_file", _checked_from_json_file)
     _wrap_classmethod(PeftConfig, "_get_peft_type", _checked_get_peft_type)
     _wrap_classmethod(PeftModel, "from_pretrained", _checked_from_pretrained)
+    if not getattr(peft_model.set_peft_model_state_dict, "_ftn_checked", False):
+        peft_model.set_peft_model_state_dict = _checked_set_state_dict(peft_model.set_peft_model_state_dict)
     if not getattr(save_and_load.safe_load_file, "_ftn_checked", False):
         save_and_load.safe_load_file = _checked_safe_load(save_and_load.safe_load_file)
     if not getattr(save_and_load.torch_load, "_ftn_checked", False):

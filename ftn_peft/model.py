@@ -222,7 +222,7 @@ class FTNModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """PEFT's key remapping, then loading.check_adapter_state_dict: exactly this adapter's tensors, sane values."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_state_dict(model, adapter_name, remapped)
+        check_adapter_state_dict(model, adapter_name, state_dict, remapped)
         return remapped
 
     # --- merging and mixed batches ----------------------------------------------------------------------

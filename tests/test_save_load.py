@@ -14,16 +14,18 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 
 import ftn_peft
-from ftn_peft.saving import CorruptAdapterFileError
+from ftn_peft.saving import CorruptAdapterFileError  # still importable from saving.py
 
 from conftest import tiny_clip_classifier, tiny_timm_resnet, tiny_torchvision_resnet
 from test_model import train_steps
 
 TESTS = Path(__file__).parent
+REPO = TESTS.parent
 
 
 def run_python(code: str, tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
+    # the checkout first: the child must import the ftn_peft under test, not an installed copy
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(code))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
@@ -53,6 +55,7 @@ def test_round_trip_in_a_new_process(tmp_path, images):
         import torch, ftn_peft
         from peft import PeftModel
         from conftest import tiny_timm_resnet
+        assert ftn_peft.__file__.startswith({str(REPO)!r}), ftn_peft.__file__
         io = torch.load({str(tmp_path / "io.pt")!r})
         model = PeftModel.from_pretrained(tiny_timm_resnet(), {str(tmp_path / "adapters")!r})
         model.load_adapter({str(tmp_path / "adapters" / "seven")!r}, adapter_name="seven")
