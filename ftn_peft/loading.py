@@ -14,7 +14,9 @@ inside `skip_value_checks()` (the key checks cannot be switched off).
 - `PeftConfig._get_peft_type` (the first read of a model load): a missing `peft_type`, and an FTN directory without
   weights (PEFT would take the local path for a Hub repo id).
 - `PeftModel.from_pretrained`: an FTN config whose `task_type` needs a transformers model, given a model without
-  `.config`.
+  `.config`. `PeftModel.load_adapter`: a refused FTN load removes the adapter PEFT added before reading the weights.
+- `set_peft_model_state_dict` (as `PeftModel.load_adapter` calls it): an FTN file that lacks a modules_to_save tensor
+  its config lists.
 - the weight readers of `peft.utils.save_and_load`: for files whose `adapter_config.json` says FTN only, an unreadable
   file raises `CorruptAdapterFileError` naming it and its size, and the checksum written by `seal` is verified.
 """
@@ -37,29 +39,36 @@ from enum import Enum
 import torch
 from peft import PeftConfig, PeftModel, peft_model
 from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+from peft.tuners.tuners_utils import delete_adapter as delete_layers
 from peft.utils import save_and_load
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 
-from .peft_type import FTN_PEFT_TYPE
+from .layer import FTNTunerLayer
+from .peft_type import FTN_PEFT_TYPE, PREFIX
 
 SKIP_VALUE_CHECKS_ENV = "FTN_PEFT_SKIP_VALUE_CHECKS"
 DIGEST_KEY = "ftn_sha256"
 _MAX_LISTED = 5
 _skip_values: ContextVar[bool] = ContextVar("ftn_skip_value_checks", default=False)
+_source: ContextVar[str] = ContextVar("ftn_adapter_source", default="")  # the adapter being loaded, for messages
 
 
-class CorruptAdapterFileError(ValueError):
+class AdapterLoadError(ValueError):
+    """An FTN adapter that cannot be loaded; the message names the file, and the field or tensor at fault."""
+
+
+class CorruptAdapterFileError(AdapterLoadError):
     """An adapter weight file that is truncated, not valid safetensors, or fails its checksum."""
 
 
-class AdapterConfigError(ValueError):
+class AdapterConfigError(AdapterLoadError):
     """An adapter_config.json that cannot describe an adapter; the message names the file and the field."""
 
 
-class AdapterWeightsError(ValueError):
+class AdapterWeightsError(AdapterLoadError):
     """Tensors of an adapter file that do not belong to the adapter, or values it cannot hold."""
 
 
@@ -85,6 +94,10 @@ def _value_checks_enabled() -> bool:
     return not (_skip_values.get() or os.environ.get(SKIP_VALUE_CHECKS_ENV, "") not in ("", "0"))
 
 
+def _in_source() -> str:
+    return f"{_source.get()}: " if _source.get() else ""
+
+
 def _listed(items) -> str:
     items = list(items)
     return f"{items[:_MAX_LISTED]}{' ...' if len(items) > _MAX_LISTED else ''}"
@@ -103,7 +116,7 @@ def check_adapter_state_dict(model: torch.nn.Module, adapter_name: str, checkpoi
     if foreign:
         backbone = [k for k in state_dict if k not in allowed and k in model_state]
         raise AdapterWeightsError(
-            f"the checkpoint of FTN adapter {adapter_name!r} holds {len(foreign)} tensors that are not this adapter's: "
+            f"{_in_source()}the checkpoint of FTN adapter {adapter_name!r} holds {len(foreign)} tensors that are not this adapter's: "
             f"{_listed(foreign)}"
             + (f"; {len(backbone)} of them would overwrite the shared frozen model or another adapter" if backbone else "")
             + ". An FTN adapter file holds only its factors, task BatchNorms, task head and modules_to_save; "
@@ -117,7 +130,7 @@ def check_adapter_state_dict(model: torch.nn.Module, adapter_name: str, checkpoi
     if missing or mismatched:
         details = [f"{title} ({len(keys)}): {_listed(keys)}" for title, keys in (("missing", missing), ("shape mismatch", mismatched)) if keys]
         raise AdapterWeightsError(
-            f"the saved FTN adapter {adapter_name!r} does not fit this model: " + "; ".join(details) + ". "
+            f"{_in_source()}the saved FTN adapter {adapter_name!r} does not fit this model: " + "; ".join(details) + ". "
             "It was saved for another architecture, rank or head size: load it into the base model it was "
             "trained on, with its own adapter_config.json"
         )
@@ -125,7 +138,7 @@ def check_adapter_state_dict(model: torch.nn.Module, adapter_name: str, checkpoi
         problems = [p for k, v in state_dict.items() if (p := _value_problem(in_file[k], v, model_state[k]))]
         if problems:
             raise AdapterWeightsError(
-                f"FTN adapter {adapter_name!r} holds impossible values: {_listed(problems)}. The file is damaged or "
+                f"{_in_source()}FTN adapter {adapter_name!r} holds impossible values: {_listed(problems)}. The file is damaged or "
                 "was saved from a diverged run; retrain or save it again (experts: set "
                 f"{SKIP_VALUE_CHECKS_ENV}=1 or load inside ftn_peft.loading.skip_value_checks() to load it anyway)"
             )
@@ -140,7 +153,7 @@ def _checked_set_state_dict(original):
             missing = sorted(k for k in _auxiliary_keys(model, adapter_name, saved=True) if k not in peft_model_state_dict)
             if missing:
                 raise AdapterWeightsError(
-                    f"the checkpoint of FTN adapter {adapter_name!r} lacks {len(missing)} modules_to_save tensors: "
+                    f"{_in_source()}the checkpoint of FTN adapter {adapter_name!r} lacks {len(missing)} modules_to_save tensors: "
                     f"{_listed(missing)}. Its adapter_config.json lists modules the file does not hold; load it "
                     "with the adapter_config.json it was saved with. Nothing was loaded."
                 )
@@ -256,10 +269,9 @@ def _checked_from_json_file(original):
             raise exc from err
         if not isinstance(content, dict):
             raise AdapterConfigError(f"{path_json_file} holds a JSON {type(content).__name__}, not an object of fields")
-        peft_type = content.get("peft_type")
-        if peft_type is not None:
-            _check_peft_type(path_json_file, peft_type)
-        if peft_type == FTN_PEFT_TYPE.value:
+        if "peft_type" in content:
+            _check_peft_type(path_json_file, content["peft_type"])
+        if content.get("peft_type") == FTN_PEFT_TYPE.value:
             _check_ftn_fields(path_json_file, content)
         return original(cls, path_json_file, **kwargs)
 
@@ -364,29 +376,78 @@ def _checked_get_peft_type(original):
     return _get_peft_type
 
 
+def _ftn_config_file(model_id, subfolder=None):
+    """The local adapter_config.json of an FTN adapter, or None (Hub ids and other methods are left to PEFT)."""
+    config_file = _local_config_file(model_id, subfolder)
+    if config_file is None or PeftConfig.from_json_file(config_file).get("peft_type") != FTN_PEFT_TYPE.value:
+        return None
+    return config_file
+
+
+@contextmanager
+def _naming(config_file):
+    """Name the adapter file in a plain ValueError from PEFT (e.g. target_modules that match no layer)."""
+    try:
+        yield
+    except AdapterLoadError:
+        raise
+    except ValueError as err:
+        if config_file is None:
+            raise
+        raise AdapterLoadError(f"{config_file}: {err}") from err
+
+
 def _checked_from_pretrained(original):
     @functools.wraps(original)
     def from_pretrained(cls, model, model_id, *args, **kwargs):
         config = args[2] if len(args) > 2 else kwargs.get("config")  # after adapter_name, is_trainable
-        if config is None:
-            _check_task_type(model, model_id, kwargs.get("subfolder"))
-        return original(cls, model, model_id, *args, **kwargs)
+        config_file = _ftn_config_file(model_id, kwargs.get("subfolder")) if config is None else None
+        if config_file is not None:
+            _check_task_type(model, config_file)
+        with _naming(config_file):
+            return original(cls, model, model_id, *args, **kwargs)
 
     from_pretrained._ftn_checked = True
     return from_pretrained
 
 
-def _check_task_type(model, model_id, subfolder) -> None:
+def _rolled_back_load_adapter(original):
+    @functools.wraps(original)
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        new = adapter_name not in self.peft_config
+        token = _source.set(_weights_file(model_id, kwargs.get("subfolder")))
+        try:
+            with _naming(_ftn_config_file(model_id, kwargs.get("subfolder"))):
+                return original(self, model_id, adapter_name, *args, **kwargs)
+        except Exception:
+            # PEFT adds the adapter before reading its weights; a refused FTN load takes it out again
+            if new and getattr(self.peft_config.get(adapter_name), "peft_type", None) == FTN_PEFT_TYPE:
+                self.delete_adapter(adapter_name)
+            elif new and adapter_name not in self.peft_config:
+                # add_adapter failed after FTN had given the adapter its task BatchNorms and head; PEFT already
+                # dropped the config, so the per-layer entries go the same way delete_adapter removes them
+                delete_layers(self.base_model.model, adapter_name, prefix=PREFIX, layer_cls=FTNTunerLayer)
+            raise
+        finally:
+            _source.reset(token)
+
+    load_adapter._ftn_checked = True
+    return load_adapter
+
+
+def _weights_file(model_id, subfolder=None) -> str:
+    folder = os.path.join(os.fspath(model_id), subfolder) if subfolder is not None else os.fspath(model_id)
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return folder
+
+
+def _check_task_type(model, config_file) -> None:
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
-    config_file = _local_config_file(model_id, subfolder)
-    if config_file is None:
-        return
-    content = PeftConfig.from_json_file(config_file)
-    task_type = content.get("task_type")
-    if content.get("peft_type") != FTN_PEFT_TYPE.value or task_type not in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
-        return
-    if getattr(model, "config", None) is None:
+    task_type = PeftConfig.from_json_file(config_file).get("task_type")
+    if task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING and getattr(model, "config", None) is None:
         raise AdapterConfigError(
             f"{config_file}: task_type={task_type!r} needs a transformers model (PEFT's "
             f"{MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task_type].__name__} reads model.config), but the base model is a "
@@ -406,6 +467,8 @@ def install() -> None:
     _wrap_classmethod(PeftConfig, "from_json_file", _checked_from_json_file)
     _wrap_classmethod(PeftConfig, "_get_peft_type", _checked_get_peft_type)
     _wrap_classmethod(PeftModel, "from_pretrained", _checked_from_pretrained)
+    if not getattr(PeftModel.load_adapter, "_ftn_checked", False):
+        PeftModel.load_adapter = _rolled_back_load_adapter(PeftModel.load_adapter)
     if not getattr(peft_model.set_peft_model_state_dict, "_ftn_checked", False):
         peft_model.set_peft_model_state_dict = _checked_set_state_dict(peft_model.set_peft_model_state_dict)
     if not getattr(save_and_load.safe_load_file, "_ftn_checked", False):

@@ -80,6 +80,8 @@ def test_a_file_with_foreign_tensors_is_refused_and_changes_nothing(tmp_path, im
 
     with pytest.raises(AdapterWeightsError, match=rf"not this adapter's: \[{key!r}\].*Nothing was loaded"):
         model.load_adapter(str(tmp_path), adapter_name="third")
+    assert list(model.peft_config) == ["default", "seven"]  # the adapter PEFT added first is removed again
+    assert model.state_dict().keys() == before.keys()
     assert_unchanged(model, before)  # backbone and both adapters bit-identical
     for name, out in outputs(model, images).items():
         if name in expected:
