@@ -107,38 +107,49 @@ def _listed(items) -> str:
 def check_adapter_state_dict(model: torch.nn.Module, adapter_name: str, checkpoint: dict, state_dict: dict) -> None:
     """Refuse a checkpoint (remapped to model keys: `state_dict`) that is not exactly this FTN adapter's tensors, or
     that holds impossible values. Messages name the keys as they are in the file."""
-    in_file = dict(zip(state_dict, checkpoint))  # the remapping keeps the order
     model_state = model.state_dict()
     prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
     expected = _filter_state_dict_by_key_prefixes(model_state, prefixes)
-    allowed = set(expected) | _auxiliary_keys(model, adapter_name)
-    foreign = sorted(in_file[k] for k in state_dict if k not in allowed)
-    if foreign:
-        backbone = [k for k in state_dict if k not in allowed and k in model_state]
+    if len(state_dict) != len(checkpoint):
+        # a key spelled with the adapter name and the same key without it both map to one model tensor
+        twice = sorted(k for k in checkpoint if k in expected)
         raise AdapterWeightsError(
-            f"{_in_source()}the checkpoint of FTN adapter {adapter_name!r} holds {len(foreign)} tensors that are not this adapter's: "
-            f"{_listed(foreign)}"
-            + (f"; {len(backbone)} of them would overwrite the shared frozen model or another adapter" if backbone else "")
+            f"{_in_source()}the checkpoint of FTN adapter {adapter_name!r} holds some tensors twice, with and "
+            f"without the adapter name: {_listed(twice)}. Save the adapter again with save_pretrained."
+        )
+    in_file = dict(zip(state_dict, checkpoint))  # the remapping keeps the order
+    allowed = set(expected) | _auxiliary_keys(model, adapter_name)
+    foreign = [k for k in state_dict if k not in allowed]
+    if foreign:
+        overwrites = [k for k in foreign if k in model_state]
+        raise AdapterWeightsError(
+            f"{_in_source()}the checkpoint of FTN adapter {adapter_name!r} holds {len(foreign)} tensors that are not "
+            f"this adapter's: {_listed(sorted(in_file[k] for k in foreign))}"
+            + (f"; {len(overwrites)} of them would overwrite the frozen model or another adapter" if overwrites else "")
             + ". An FTN adapter file holds only its factors, task BatchNorms, task head and modules_to_save; "
             "save it with save_pretrained, or drop those keys from the file. Nothing was loaded."
         )
     missing = sorted(set(expected) - set(state_dict))
     mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape
+        f"{in_file[k]}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
+        for k, v in state_dict.items() if v.shape != model_state[k].shape
     ]
     if missing or mismatched:
-        details = [f"{title} ({len(keys)}): {_listed(keys)}" for title, keys in (("missing", missing), ("shape mismatch", mismatched)) if keys]
+        details = [
+            f"{title} ({len(keys)}): {_listed(keys)}"
+            for title, keys in (("missing", missing), ("shape mismatch", mismatched)) if keys
+        ]
         raise AdapterWeightsError(
-            f"{_in_source()}the saved FTN adapter {adapter_name!r} does not fit this model: " + "; ".join(details) + ". "
-            "It was saved for another architecture, rank or head size: load it into the base model it was "
+            f"{_in_source()}the saved FTN adapter {adapter_name!r} does not fit this model: " + "; ".join(details)
+            + ". It was saved for another architecture, rank or head size: load it into the base model it was "
             "trained on, with its own adapter_config.json"
         )
     if _value_checks_enabled():
         problems = [p for k, v in state_dict.items() if (p := _value_problem(in_file[k], v, model_state[k]))]
         if problems:
             raise AdapterWeightsError(
-                f"{_in_source()}FTN adapter {adapter_name!r} holds impossible values: {_listed(problems)}. The file is damaged or "
+                f"{_in_source()}FTN adapter {adapter_name!r} holds impossible values: {_listed(problems)}. "
+                "The file is damaged or "
                 "was saved from a diverged run; retrain or save it again (experts: set "
                 f"{SKIP_VALUE_CHECKS_ENV}=1 or load inside ftn_peft.loading.skip_value_checks() to load it anyway)"
             )
@@ -150,12 +161,13 @@ def _checked_set_state_dict(original):
         config = getattr(model, "peft_config", {}).get(adapter_name)
         if getattr(config, "peft_type", None) == FTN_PEFT_TYPE:
             # PEFT looks up every modules_to_save tensor before the tuner sees the checkpoint (a bare KeyError)
-            missing = sorted(k for k in _auxiliary_keys(model, adapter_name, saved=True) if k not in peft_model_state_dict)
+            saved = _auxiliary_keys(model, adapter_name, saved=True)
+            missing = sorted(k for k in saved if k not in peft_model_state_dict)
             if missing:
                 raise AdapterWeightsError(
-                    f"{_in_source()}the checkpoint of FTN adapter {adapter_name!r} lacks {len(missing)} modules_to_save tensors: "
-                    f"{_listed(missing)}. Its adapter_config.json lists modules the file does not hold; load it "
-                    "with the adapter_config.json it was saved with. Nothing was loaded."
+                    f"{_in_source()}the checkpoint of FTN adapter {adapter_name!r} lacks {len(missing)} "
+                    f"modules_to_save tensors: {_listed(missing)}. Its adapter_config.json lists modules the file "
+                    "does not hold; load it with the adapter_config.json it was saved with. Nothing was loaded."
                 )
         return original(model, peft_model_state_dict, adapter_name, *args, **kwargs)
 

@@ -94,6 +94,15 @@ def test_a_file_with_foreign_tensors_is_refused_and_changes_nothing(tmp_path, im
     assert all(torch.equal(tensors[k], v) for k, v in base_before.items())
 
 
+def test_a_tensor_stored_twice_is_refused(tmp_path):
+    model = shared_backbone_model()
+    model.save_pretrained(tmp_path, selected_adapters=["default"])
+    key = "base_model.model.layer1.0.conv1.ftn_a"
+    rewrite(tmp_path, lambda t: t.__setitem__(key + ".third", t[key] * 2))  # which one would win?
+    with pytest.raises(AdapterWeightsError, match=rf"holds some tensors twice.*{key}.third"):
+        model.load_adapter(str(tmp_path), adapter_name="third")
+
+
 def test_every_tensor_the_adapter_owns_loads(tmp_path, images):
     config = ftn_peft.presets.resnet(r=2, num_classes=5)
     config.modules_to_save = ["conv1"]  # the stem conv: a legitimately saved copy of a base module
@@ -111,7 +120,7 @@ def test_every_tensor_the_adapter_owns_loads(tmp_path, images):
     torch.testing.assert_close(loaded(images), expected, rtol=1e-5, atol=1e-5)  # compute paths may differ
 
     rewrite(tmp_path, lambda t: t.pop("base_model.model.conv1.weight"))
-    with pytest.raises(AdapterWeightsError, match=r"lacks 1 modules_to_save tensors: \['base_model.model.conv1.weight'\]"):
+    with pytest.raises(AdapterWeightsError, match=r"lacks 1 modules_to_save tensors: \['base_model.model.conv1.weight"):
         PeftModel.from_pretrained(tiny_timm_resnet(), tmp_path)
 
 
@@ -192,6 +201,15 @@ def test_truncated_ftn_file_names_file_and_size(tmp_path):
         PeftModel.from_pretrained(tiny_timm_resnet(), tmp_path)
 
 
+def test_truncated_pickle_file_names_file_and_size(tmp_path):
+    model = shared_backbone_model()
+    model.save_pretrained(tmp_path, selected_adapters=["default"], safe_serialization=False)
+    weights = tmp_path / "adapter_model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CorruptAdapterFileError, match=rf"{weights} \(1000 bytes\).*truncated or corrupt"):
+        PeftModel.from_pretrained(tiny_timm_resnet(), tmp_path)
+
+
 LORA_CASES = """
 import json, os, shutil, sys, torch
 sys.path.insert(0, {tests!r})
@@ -226,7 +244,8 @@ def test_corrupt_lora_files_fail_exactly_as_without_ftn_peft(tmp_path):
     for label, maybe_import in (("plain", ""), ("with ftn_peft", "import ftn_peft")):
         code = LORA_CASES.format(tests=str(REPO / "tests"), maybe_import=maybe_import, root=str(tmp_path))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-        run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300)
+        command = [sys.executable, "-c", textwrap.dedent(code)]
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         results[label] = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(results["plain"]) == 3 and "loaded" not in results["plain"].values(), results["plain"]

@@ -30,6 +30,10 @@ EDITED_FIELDS = [
     "task_batchnorm", "modules_to_save", "task_type", "attention_heads", "init_weights", "init_std", "compute",
     "output_projections", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping",
 ]
+BACKBONE_AND_OTHER_ADAPTER = [
+    "conv1.weight", "layer1.0.conv1.base_layer.weight", "bn1.base_layer.running_var", "fc.base_layer.bias",
+    "layer2.0.bn2.ftn_norm.keep.weight",
+]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 40) | st.floats() | st.text(max_size=6)
     | st.sampled_from(["FTN", "LORA", "fc", "conv1", "SEQ_CLS", "layer1.0.conv1", "^layer1.*$"]),
@@ -40,7 +44,7 @@ json_values = st.recursive(
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A saved adapter with its expected outputs, and a model whose backbone and adapter "keep" a load must not touch."""
+    """A saved adapter, its outputs, and a model whose backbone and adapter "keep" no load may touch."""
     directory = tmp_path_factory.mktemp("saved")
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model = get_peft_model(tiny_timm_resnet(), ftn_peft.presets.resnet(r=2, num_classes=5))
@@ -68,8 +72,10 @@ def mutate(directory: Path, kind: str, data) -> str:
     weights, config = directory / WEIGHTS, directory / CONFIG
     if kind == "flip":
         raw = bytearray(weights.read_bytes())
+        data_start = 8 + int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, JSON header, tensors
         for _ in range(data.draw(st.integers(1, 3))):
-            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+            low, high = data.draw(st.sampled_from([(0, data_start - 1), (data_start, len(raw) - 1)]))
+            raw[data.draw(st.integers(low, high))] = data.draw(st.integers(0, 255))
         weights.write_bytes(bytes(raw))
     elif kind == "truncate":
         raw = weights.read_bytes()
@@ -84,7 +90,8 @@ def mutate(directory: Path, kind: str, data) -> str:
         elif kind == "json_set":
             content[data.draw(st.sampled_from(EDITED_FIELDS))] = data.draw(json_values)
         elif kind == "json_add":
-            content[data.draw(st.text(min_size=1, max_size=8).filter(lambda k: k not in content))] = data.draw(json_values)
+            new_field = data.draw(st.text(min_size=1, max_size=8).filter(lambda k: k not in content))
+            content[new_field] = data.draw(json_values)
         else:
             return mutate_keys(directory, data)
         config.write_text(json.dumps(content))
@@ -99,8 +106,7 @@ def mutate_keys(directory: Path, data) -> str:
     if action == "drop":
         tensors.pop(data.draw(st.sampled_from(keys)))
     elif action == "add_backbone":
-        name = data.draw(st.sampled_from(["conv1.weight", "layer1.0.conv1.base_layer.weight", "bn1.base_layer.running_var",
-                                          "fc.base_layer.bias", "layer2.0.bn2.ftn_norm.keep.weight"]))
+        name = data.draw(st.sampled_from(BACKBONE_AND_OTHER_ADAPTER))
         tensors[f"base_model.model.{name}"] = torch.zeros(1)
     elif action == "add_other":
         tensors[data.draw(st.text(min_size=1, max_size=12))] = torch.zeros(2)
