@@ -149,8 +149,7 @@ def check_adapter_state_dict(model: torch.nn.Module, adapter_name: str, checkpoi
         if problems:
             raise AdapterWeightsError(
                 f"{_in_source()}FTN adapter {adapter_name!r} holds impossible values: {_listed(problems)}. "
-                "The file is damaged or "
-                "was saved from a diverged run; retrain or save it again (experts: set "
+                "The file is damaged or was saved from a diverged run; retrain or save it again (experts: set "
                 f"{SKIP_VALUE_CHECKS_ENV}=1 or load inside ftn_peft.loading.skip_value_checks() to load it anyway)"
             )
 
@@ -279,6 +278,8 @@ def _checked_from_json_file(original):
                 "truncated or was edited by hand. Save the adapter again or fix the file.",
             )
             raise exc from err
+        except UnicodeDecodeError as err:
+            raise AdapterConfigError(f"{path_json_file} is not UTF-8 text ({err}); it is not an adapter config") from err
         if not isinstance(content, dict):
             raise AdapterConfigError(f"{path_json_file} holds a JSON {type(content).__name__}, not an object of fields")
         if "peft_type" in content:

@@ -45,6 +45,9 @@ def test_json_that_is_not_an_object_names_the_file(ftn_dir):
     (ftn_dir / CONFIG).write_text("[1, 2]")
     with pytest.raises(AdapterConfigError, match=rf"{ftn_dir / CONFIG} holds a JSON list"):
         load(ftn_dir)
+    (ftn_dir / CONFIG).write_bytes(b"\xff\xfe{}")
+    with pytest.raises(AdapterConfigError, match=rf"{ftn_dir / CONFIG} is not UTF-8 text"):
+        load(ftn_dir)
 
 
 def test_missing_peft_type_names_the_file_and_field(ftn_dir):
