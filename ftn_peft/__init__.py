@@ -25,6 +25,7 @@ def _register() -> None:
     _mapping.PEFT_TYPE_TO_TUNER_MAPPING[FTN_PEFT_TYPE] = FTNModel
     _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[FTN_PEFT_TYPE] = PREFIX
     _saving.install()
+    _saving.install_load_check()  # the load side (clear error for corrupt weight files)
 
 
 _register()

@@ -84,3 +84,18 @@ def test_push_rejects_bad_sources(tmp_path):
         hub.push_to_hub(42, "me/x", api=object())
     with pytest.raises(ValueError, match="adapter_config.json"):
         hub.push_to_hub(str(tmp_path), "me/x", api=object())
+
+
+def test_leftovers_of_interrupted_saves_are_not_adapters_and_not_uploaded(captured, tmp_path):
+    _, uploaded = captured
+    model = two_domain_model()
+    model.save_pretrained(str(tmp_path / "saved" / "sketch"))
+    # what a killed save leaves beside its target (this version's name, a displaced old tree, an older version's name)
+    for leftover in (".sketch.tmp-" + "0" * 32, ".sketch.tmp-" + "1" * 32 + "-old", ".sketch.tmp-ab_cd123"):
+        shutil.copytree(tmp_path / "saved" / "sketch", tmp_path / "saved" / leftover)
+    assert set(hub.adapter_dirs(tmp_path / "saved")) == {"sketch"}
+    hub.push_to_hub(str(tmp_path / "saved"), "me/x", token="x")
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "sketch"]
+    # a user's folder that only looks similar is still an adapter
+    shutil.copytree(tmp_path / "saved" / "sketch", tmp_path / "saved" / ".sketch.tmp-mine")
+    assert set(hub.adapter_dirs(tmp_path / "saved")) == {"sketch", ".sketch.tmp-mine"}
