@@ -70,6 +70,34 @@ def test_kill_at_random_moments_leaves_old_or_new(tmp_path):
     assert tally["kills"] == 36 and tally["old"] > 0, tally
 
 
+def test_second_save_keeps_the_users_card_and_files_it_does_not_write(tmp_path):
+    import torch
+    from peft import get_peft_model
+
+    import ftn_peft
+    from conftest import tiny_clip_classifier
+
+    # a transformers model: PEFT replaces the card's tags with its own ("transformers"), the user's are put back
+    model = get_peft_model(tiny_clip_classifier(), ftn_peft.presets.clip_vision(r=2, targets="o"))
+    model.save_pretrained(tmp_path / "adapter")
+    card = tmp_path / "adapter" / "README.md"
+    card.write_text(card.read_text().replace("tags:\n", "tags:\n- my-own-tag\n") + f"\n{USER_NOTE}\n")
+    (tmp_path / "adapter" / "optimizer.pt").write_bytes(b"state")
+    inode = (tmp_path / "adapter" / "optimizer.pt").stat().st_ino
+    weights = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() != weights
+    text = card.read_text()
+    assert USER_NOTE in text and "- transformers" in text
+    assert "- my-own-tag" in text and "- ftn" in text and "- factorized-tensor-network" in text
+    assert (tmp_path / "adapter" / "optimizer.pt").stat().st_ino == inode  # the same file, linked, not copied
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The harness (runs in a fresh interpreter).
 
