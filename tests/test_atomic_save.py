@@ -236,7 +236,6 @@ def _harness(modes: list, work: Path, n_random: int) -> dict:
             start = time.perf_counter()
             os.read(read_fd, 1)
             timing.append(time.perf_counter() - start)
-        os.close(read_fd)
         if delay is not None:
             time.sleep(delay)
             try:
@@ -244,6 +243,7 @@ def _harness(modes: list, work: Path, n_random: int) -> dict:
             except ProcessLookupError:
                 pass
         _, status = os.waitpid(pid, 0)
+        os.close(read_fd)  # only now: the child may still write its "done" byte
         if os.WIFSIGNALED(status):
             return True
         assert os.WEXITSTATUS(status) == 0, f"the child's save failed (kill_at={kill_at})"
