@@ -199,6 +199,15 @@ def _replace_files(target: str, staging: str, written: list[str]) -> None:
         _step("replaced")
 
 
+def _cwd_inside(target: str) -> Optional[str]:
+    """The working directory if it is in `target`: after the swap it would be in the old tree, deleted next."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        return None
+    return cwd if cwd == target or cwd.startswith(target + os.sep) else None
+
+
 def _save_atomically(save, model, target: str, args, kwargs) -> None:
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
@@ -227,11 +236,14 @@ def _save_atomically(save, model, target: str, args, kwargs) -> None:
         _step("linked")
         _fsync_tree(staging)
         _step("synced")
+        cwd = _cwd_inside(target)
         if not exists:
             os.rename(staging, target)
         elif not (_exchange(target, staging) or _swap_by_renames(target, staging)):
             _replace_files(target, staging, written)
         _step("swapped")
+        if cwd is not None:
+            os.chdir(cwd if os.path.isdir(cwd) else target)
         _fsync_dir(parent)
         _step("published")
     finally:

@@ -98,6 +98,21 @@ def test_second_save_keeps_the_users_card_and_files_it_does_not_write(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
 
 
+def test_saving_into_the_working_directory_keeps_it_usable(tmp_path, monkeypatch):
+    from peft import PeftModel, get_peft_model
+
+    import ftn_peft
+    from conftest import tiny_timm_resnet
+
+    model = get_peft_model(tiny_timm_resnet(), ftn_peft.presets.resnet(r=1))
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    model.save_pretrained(".")
+    model.save_pretrained(".")  # the directory is swapped: the process must follow it, not stay in the deleted tree
+    assert os.getcwd() == str((tmp_path / "run").resolve()) and "adapter_config.json" in os.listdir(".")
+    PeftModel.from_pretrained(tiny_timm_resnet(), ".")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The harness (runs in a fresh interpreter).
 
