@@ -69,6 +69,8 @@ def _has_ftn(model: PeftModel) -> bool:
 
 def _leftovers(target: str) -> list[str]:
     parent, prefix = os.path.dirname(target), f".{os.path.basename(target)}.tmp-"
+    if not os.path.isdir(parent):
+        return []
     return sorted(os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(prefix) and is_leftover(n))
 
 
@@ -210,8 +212,10 @@ def _cwd_inside(target: str) -> Optional[str]:
 
 def _save_atomically(save, model, target: str, args, kwargs) -> None:
     parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
     _clean_leftovers(target)
+    # Created up front (as PEFT does) so there is always a tree to exchange with, even if other ranks of a
+    # distributed job create its folders meanwhile (PEFT's save does that on non-main processes).
+    os.makedirs(target, exist_ok=True)
     _step("cleaned")
     staging = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
     try:
@@ -222,24 +226,20 @@ def _save_atomically(save, model, target: str, args, kwargs) -> None:
             "folder must be writable; make it writable or save into a folder whose parent is"
         ) from err
     try:
-        exists = os.path.isdir(target)
-        user_tags = _copy_card(target, staging) if exists else set()
+        user_tags = _copy_card(target, staging)
         _step("card")
         save(model, staging, *args, **kwargs)
         _step("written")
         _add_tags(staging, user_tags)
         _step("tagged")
         written = _files(staging)
-        if exists:
-            _link_unwritten(target, staging)
-            shutil.copymode(target, staging)
+        _link_unwritten(target, staging)
+        shutil.copymode(target, staging)
         _step("linked")
         _fsync_tree(staging)
         _step("synced")
         cwd = _cwd_inside(target)
-        if not exists:
-            os.rename(staging, target)
-        elif not (_exchange(target, staging) or _swap_by_renames(target, staging)):
+        if not (_exchange(target, staging) or _swap_by_renames(target, staging)):
             _replace_files(target, staging, written)
         _step("swapped")
         if cwd is not None:

@@ -49,7 +49,9 @@ print(json.dumps({"files": files, "outputs": outputs, "card": card.read_text()})
 
 
 def test_lora_save_load_and_card_are_unchanged_by_importing_ftn_peft(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+    # PYTHONHASHSEED: PEFT writes set-valued config fields (target_modules) in hash order
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
     script = tmp_path / "lora_round_trip.py"
     script.write_text(SCRIPT)
     runs = {side: subprocess.Popen([sys.executable, str(script), side, str(tmp_path / side)], env=env, text=True,
