@@ -4,7 +4,7 @@ PEFT writes adapter files in place, so a save that dies half-way can leave a dir
 truncated weight file. For a model holding an FTN adapter, `PeftModel.save_pretrained` instead builds the complete
 new directory as a hidden sibling and swaps it in:
 
-1. leftovers of earlier interrupted saves of this directory are removed;
+1. leftovers of earlier interrupted saves of this directory are removed, and the directory is created if missing;
 2. the existing model card is copied into the sibling, so PEFT updates the user's card instead of writing a new one;
 3. PEFT saves into the sibling, and the card gets the FTN tags;
 4. every file already in the target that the save did not write (a Trainer's optimizer state, other adapters) is
