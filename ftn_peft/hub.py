@@ -18,7 +18,7 @@ from typing import Optional, Union
 from huggingface_hub import HfApi, ModelCard
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from .saving import FTN_TAGS
+from .saving import FTN_TAGS, is_leftover
 
 __all__ = ["adapter_dirs", "model_card", "push_to_hub"]
 
@@ -40,17 +40,24 @@ model = PeftModel.from_pretrained(base_model, "{repo_id}"{subfolder_arg})
 
 
 def adapter_dirs(directory: Union[str, Path]) -> dict[str, Path]:
-    """{adapter name: folder} for a saved adapter (name "default") or a folder of per-domain adapter folders."""
+    """{adapter name: folder} for a saved adapter (name "default") or a folder of per-domain adapter folders.
+
+    Temporary folders of interrupted saves (`.<name>.tmp-*`) are never adapters.
+    """
     root = Path(directory)
     found = {}
     if (root / CONFIG_NAME).is_file():
         found["default"] = root
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not is_leftover(p.name)) if root.is_dir() else []:
         if (sub / CONFIG_NAME).is_file():
             found[sub.name] = sub
     if not found:
         raise ValueError(f"directory={str(directory)!r} holds no {CONFIG_NAME}, neither at its root nor one level down")
     return found
+
+
+def _ignore_leftovers(folder, names) -> set:
+    return {n for n in names if is_leftover(n)}
 
 
 def _counts(folder: Path) -> dict[str, int]:
@@ -122,7 +129,7 @@ def push_to_hub(
                 raise ValueError(f"source={str(source)!r} is not a directory; pass a saved adapter folder or a PeftModel")
             adapter_dirs(folder)
             staging = Path(tmp) / "upload"
-            shutil.copytree(folder, staging)
+            shutil.copytree(folder, staging, ignore=_ignore_leftovers)
         elif hasattr(source, "save_pretrained") and hasattr(source, "peft_config"):
             staging = Path(tmp) / "upload"
             source.save_pretrained(str(staging))

@@ -44,7 +44,7 @@ from peft.utils import save_and_load
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 
 from .layer import FTNTunerLayer
 from .peft_type import FTN_PEFT_TYPE, PREFIX
@@ -208,10 +208,18 @@ def _digest(tensors: dict) -> str:
 
 def seal(path: str) -> None:
     """Add a checksum of the tensors to a saved FTN safetensors file; loads then refuse a file whose bytes changed."""
-    with safe_open(path, "pt") as f:
-        metadata = dict(f.metadata() or {})
-    tensors = load_file(path)
-    save_file(tensors, path, metadata={**metadata, DIGEST_KEY: _digest(tensors)})
+    digest = _digest(load_file(path))
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        data = f.read()
+    header["__metadata__"] = {**header.get("__metadata__", {}), DIGEST_KEY: digest}
+    # Written by hand, keys sorted: safetensors' own writer orders metadata keys at random per process, so the same
+    # adapter would not give the same bytes twice. Padded with spaces to 8 bytes, as safetensors does.
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
 
 
 def _is_ftn_file(filename) -> bool:

@@ -84,3 +84,18 @@ def test_push_rejects_bad_sources(tmp_path):
         hub.push_to_hub(42, "me/x", api=object())
     with pytest.raises(ValueError, match="adapter_config.json"):
         hub.push_to_hub(str(tmp_path), "me/x", api=object())
+
+
+def test_leftovers_of_interrupted_saves_are_not_adapters_and_not_uploaded(captured, tmp_path):
+    _, uploaded = captured
+    saved = tmp_path / "saved"
+    two_domain_model().save_pretrained(str(saved))  # saved/a, saved/b
+    # what a killed save of saved/a leaves beside it (this version's name, a displaced old tree, an older version's)
+    for leftover in (".a.tmp-" + "0" * 32, ".a.tmp-" + "1" * 32 + "-old", ".a.tmp-ab_cd123"):
+        shutil.copytree(saved / "a", saved / leftover)
+    assert set(hub.adapter_dirs(saved)) == {"a", "b"}
+    hub.push_to_hub(str(saved), "me/x", token="x")
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "a", "b"]
+    # a user's folder that only looks similar is still an adapter
+    shutil.copytree(saved / "a", saved / ".a.tmp-mine")
+    assert set(hub.adapter_dirs(saved)) == {"a", "b", ".a.tmp-mine"}
