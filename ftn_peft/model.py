@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import (
     _get_tuner_state_dict_key_prefixes,
     check_target_module_exists,
 )
+from peft.utils import AuxiliaryTrainingWrapper
 from peft.utils.other import get_pattern_key
 
 from .config import FTNConfig
@@ -277,7 +278,8 @@ class FTNModel(BaseTuner):
         self._check_adapter_names(adapter_names)
         handles = []
         for module in self.model.modules():
-            if isinstance(module, FTNTunerLayer):
+            # modules_to_save copies (PEFT's AuxiliaryTrainingWrapper) route their samples too, as under LoRA.
+            if isinstance(module, (FTNTunerLayer, AuxiliaryTrainingWrapper)):
                 hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:

@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 BASE_ADAPTER = "__base__"  # the name that selects the frozen base model in a mixed batch
 
 MERGED_MESSAGE = (
-    "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first: "
+    "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first. "
     "adapter_names= (mixed-adapter batches) cannot run on a merged model, whose weights already contain one adapter"
 )
 
@@ -27,7 +27,7 @@ def check_batch(adapter_names: list[str], batch_size: int, merged: bool) -> None
     if len(adapter_names) != batch_size:
         raise ValueError(
             "Length of `adapter_names` should be the same as the number of inputs, but got "
-            f"{len(adapter_names)} and {batch_size} respectively: adapter_names has {len(adapter_names)} entries but "
+            f"{len(adapter_names)} and {batch_size} respectively. adapter_names has {len(adapter_names)} entries but "
             f"the batch has {batch_size} samples; pass one adapter name per sample"
         )
     if merged:
