@@ -66,6 +66,39 @@ class MLPWithGRU(nn.Module):
         return X
 
 
+class Block(nn.Module):
+    def __init__(self, bias=True, size=10):
+        super().__init__()
+        self.lin0 = nn.Linear(size, size, bias=bias)
+        self.relu = nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+        self.lin1 = nn.Linear(size, size, bias=bias)
+
+    def forward(self, X):
+        X = X.float()
+        X = self.lin0(X)
+        X = self.relu(X)
+        X = self.drop(X)
+        X = self.lin1(X)
+        return X
+
+
+class DeepMLP(nn.Module):
+    def __init__(self, bias=True, num_hidden_layers=12, size=10):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(bias=bias, size=size) for _ in range(num_hidden_layers)])
+        self.out = nn.Linear(10, 2, bias=bias)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, X):
+        X = X.float(X)
+        for layer in self.layers:
+            X = layer(X)
+        X = self.out(X)
+        X = self.sm(X)
+        return X
+
+
 class ModelEmbConv1D(nn.Module):
     def __init__(self, emb_size=100):
         super().__init__()
