@@ -9,6 +9,7 @@ Merging swaps in the adapter's module instead of changing the base one.
 from __future__ import annotations
 
 import copy
+from itertools import chain
 from typing import Any, Optional
 
 import torch
@@ -21,7 +22,7 @@ from .routing import FTNTunerLayer, check_batch, route_per_sample
 
 
 def _float_dtype(module: nn.Module) -> Optional[torch.dtype]:
-    return next((t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
+    return next((t.dtype for t in chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
 
 
 class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
