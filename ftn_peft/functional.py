@@ -1,6 +1,7 @@
 """Pure functions for the CP factor maths of FTN.
 
-Every adapted weight is a rank-r CP tensor ``ΔW = scale · Σ_r a_r ⊗ b_r ⊗ c_r`` laid out as in SPEC.md.
+Every adapted weight is a rank-r CP tensor ``ΔW = scale · Σ_r a_r ⊗ b_r ⊗ c_r``, laid out in the base weight as
+the "Factor layout" table of docs/design.md shows.
 Factors are stored as ``(r, dim)`` matrices so that row ``i`` of every factor is the i-th rank-1 component:
 pruning and per-component norms then index rows.
 
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# The layouts a factor triple can take; see SPEC.md's table.
+# The layouts a factor triple can take; see the table in docs/design.md.
 CONV = "conv"  # (k², Cin/g, Cout) -> weight (Cout, Cin/g, *kernel)
 QKV = "qkv"  # (d_model, d, n) -> Linear weight (n·d, d_model), feature h·d + j
 OUT = "out"  # (d_model, d, n) -> Linear weight (d_model, n·d)

@@ -1,69 +1,44 @@
 """FTN adapted layers: a frozen base layer plus per-adapter CP factors.
 
-`FTNLayer` holds the factors and the logic shared by every layer kind; the subclasses only say how the base op is
-run with a given weight and how ΔW acts on an input without being built. Task BatchNorm and task heads live in
-`task_layers.py`.
+`FTNLayer` holds the factors, merging and the forward shared by every layer kind; the subclasses only say how the
+base op is run with a given weight and how ΔW acts on an input without being built. The other concerns have their
+own modules: `functional.py` (factor layouts and maths), `compute_path.py` (materialized or factorized, per call),
+`routing.py` (mixed-adapter batches), `task_layers.py` (task BatchNorm and task heads).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
 from . import functional as FF
+from .compute_path import (  # noqa: F401  (re-exported: the cost model used to live here)
+    ComputePathMixin,
+    conv_extra_macs,
+    conv_positions,
+    factorized_cost_ratio,
+)
+from .routing import BASE_ADAPTER, FTNTunerLayer  # noqa: F401  (re-exported for `from ftn_peft.layer import ...`)
 
-BASE_ADAPTER = "__base__"  # the name that selects the frozen base model in a mixed batch
-
-
-class FTNTunerLayer(BaseTunerLayer):
-    """What every FTN tuner layer (factors, task BatchNorm, task head) shares: adapter routing."""
-
-    def _available(self) -> set[str]:
-        return set(getattr(self, self.adapter_layer_names[0]).keys())
-
-    def _active_here(self) -> list[str]:
-        container = getattr(self, self.adapter_layer_names[0])
-        return [name for name in self.active_adapters if name in container]
-
-    def _route(self, x: torch.Tensor, adapter_names: list[str], run) -> Any:
-        """Run ``run(x_subset, adapter_or_None)`` on each adapter's samples and put the results back in order."""
-        if self.merged:
-            raise ValueError(
-                "adapter_names= (mixed-adapter batches) cannot run on a merged model; call unmerge_adapter() first"
-            )
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} samples")
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(adapter_names):
-            groups.setdefault(name, []).append(i)
-        if len(groups) == 1:  # the whole batch uses one adapter: no gather / scatter
-            name = adapter_names[0]
-            return run(x, name if name in self._available() else None)
-        available = self._available()
-        if all(rows[-1] - rows[0] + 1 == len(rows) for rows in groups.values()):
-            # Contiguous blocks (forward_all_tasks' replicated batch): slices are views, one concatenation.
-            blocks = [
-                run(x[rows[0] : rows[-1] + 1], name if name in available else None) for name, rows in groups.items()
-            ]
-            return torch.cat([b.to(blocks[0].dtype) for b in blocks])
-        outputs = {}
-        for name, rows in groups.items():
-            idx = torch.tensor(rows, device=x.device)
-            outputs[name] = (idx, run(x.index_select(0, idx), name if name in available else None))
-        first = next(iter(outputs.values()))[1]
-        result = first.new_empty((x.shape[0], *first.shape[1:]))
-        for idx, out in outputs.values():
-            result.index_copy_(0, idx, out.to(result.dtype))
-        return result
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class FTNLayer(nn.Module, FTNTunerLayer):
+def adapter_compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an adapter computes in: its own (fp32 when PEFT autocast it), as LoRA casts its input.
+
+    Under torch.autocast the ops choose their own dtype, so the activations are left as they come.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return x.dtype
+    return adapter_dtype
+
+
+class FTNLayer(nn.Module, ComputePathMixin, FTNTunerLayer):
     """A frozen base layer plus, per adapter, the factors of ``ΔW = scale · Σ a ⊗ b ⊗ c``."""
 
     adapter_layer_names = ("ftn_a", "ftn_b", "ftn_c")
@@ -85,6 +60,8 @@ class FTNLayer(nn.Module, FTNTunerLayer):
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self._path_cache: dict[tuple, bool] = {}
+        # PEFT's tuner layers expose the base layer's sizes (channels for convs); code written for LoRA reads them.
+        self.in_features, self.out_features = self._in_out_features()
         self.update_layer(adapter_name, **kwargs)
 
     # --- what the subclasses define ---------------------------------------------------------------
@@ -92,8 +69,12 @@ class FTNLayer(nn.Module, FTNTunerLayer):
         raise NotImplementedError
 
     def _linear_layout_shape(self) -> tuple[int, ...]:
-        """Shape of the base weight in nn.Linear / nn.Conv layout (the layout SPEC.md's table uses)."""
+        """Shape of the base weight in nn.Linear / nn.Conv layout (the layout of docs/design.md's table)."""
         return tuple(self.get_base_layer().weight.shape)
+
+    def _in_out_features(self) -> tuple[int, int]:
+        out_f, in_f = self._linear_layout_shape()[:2]
+        return in_f, out_f
 
     def _to_base_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
@@ -103,35 +84,6 @@ class FTNLayer(nn.Module, FTNTunerLayer):
 
     def _delta_activations(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         raise NotImplementedError
-
-    def _positions(self, x: Optional[torch.Tensor]) -> float:
-        """Output positions (batch × tokens) of one call; math.inf when unknown (the large-batch limit)."""
-        if x is None:
-            return math.inf
-        return x.numel() / self._linear_layout_shape()[-1]
-
-    def _extra_macs(self, adapter: str) -> tuple[float, float]:
-        """(factorized MACs per output position, ΔW size): what the two paths cost beyond the base op."""
-        return float(self.r[adapter] * sum(self.factor_dims(adapter))), float(math.prod(self._linear_layout_shape()))
-
-    def _factorized_cost_ratio(self, adapter: str, x: Optional[torch.Tensor] = None, needs_grad: bool = True) -> float:
-        """(factorized extra MACs) / (materialized extra MACs) for one call on ``x``; < 1 favours the factorized path.
-
-        Per output position the factorized path costs ``f`` MACs forward and about 2f backward. Materializing costs
-        ``(r + 1)·|W|`` per call to build W + ΔW (and ~3r·|W| more to backpropagate the einsum) and, with gradients,
-        the dense weight gradient: ``|W|`` per position, as costly as the base op itself.
-        """
-        per_position, size = self._extra_macs(adapter)
-        if not math.isfinite(per_position):
-            return math.inf
-        positions, r = self._positions(x), self.r[adapter]
-        if needs_grad:
-            if math.isinf(positions):
-                return 3 * per_position / size
-            return 3 * per_position * positions / (size * positions + (4 * r + 1) * size)
-        if math.isinf(positions):
-            return math.inf
-        return per_position * positions / ((r + 1) * size)
 
     # --- adapter management --------------------------------------------------------------------------
     def update_layer(
@@ -160,6 +112,9 @@ class FTNLayer(nn.Module, FTNTunerLayer):
         for container, dim in zip(containers, dims):
             container[adapter_name] = nn.Parameter(torch.empty(r, dim, device=weight.device, dtype=torch.float32))
         self.reset_factors(adapter_name, init_weights, init_std)
+        # As LoRA: the factors take the base layer's device and float dtype; PEFT's _cast_adapter_dtype then
+        # upcasts fp16/bf16 factors to fp32 unless get_peft_model(..., autocast_adapter_dtype=False).
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
@@ -181,9 +136,16 @@ class FTNLayer(nn.Module, FTNTunerLayer):
         return tuple(f.shape[1] for f in self.factors(adapter_name))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """ΔW of one adapter in the base layer's own weight layout, in the base weight's dtype."""
+        """ΔW of one adapter in the base layer's own weight layout, in the base weight's dtype.
+
+        Half-precision factors are multiplied in fp32 (as LoRA does on CPU): the factors are small, and the product
+        of r·3 half-precision terms would otherwise be rounded at every step.
+        """
+        factors = self.factors(adapter_name)
+        if factors[0].dtype in _HALF_DTYPES:
+            factors = [f.float() for f in factors]
         delta = FF.delta_weight(
-            self.kind[adapter_name], self.factors(adapter_name), self._linear_layout_shape(), self.scaling[adapter_name]
+            self.kind[adapter_name], factors, self._linear_layout_shape(), self.scaling[adapter_name]
         )
         return self._to_base_layout(delta).to(self.get_base_layer().weight.dtype)
 
@@ -195,8 +157,8 @@ class FTNLayer(nn.Module, FTNTunerLayer):
             merged = base.weight.data + self.get_delta_weight(name)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
-                    f"merging adapter {name!r} into {type(base).__name__} would give non-finite weights; "
-                    "the adapter is broken (NaN/inf factors) and was not merged"
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken: merging it into "
+                    f"{type(base).__name__} would give non-finite weights (NaN/inf factors); it was not merged"
                 )
             base.weight.data = merged
             self.merged_adapters.append(name)
@@ -208,24 +170,6 @@ class FTNLayer(nn.Module, FTNTunerLayer):
                 self.get_base_layer().weight.data -= self.get_delta_weight(name)
 
     # --- forward ---------------------------------------------------------------------------------
-    def _use_factorized(self, adapter: str, x: Optional[torch.Tensor] = None) -> bool:
-        mode = self.compute[adapter]
-        if mode != "auto":
-            return mode == "factorized"
-        # Decided per call from the shapes (guards under torch.compile): small batches / late low-resolution
-        # layers favour the small ops, big activations without gradients favour building W + ΔW once.
-        needs_grad = torch.is_grad_enabled() and self.ftn_a[adapter].requires_grad
-        if x is None or torch.compiler.is_compiling():
-            return self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
-        # The cost model is pure Python arithmetic, ~15 µs a call: as much as a small op. Remember it per shape.
-        key = (adapter, self.r[adapter], x.shape, needs_grad)
-        choice = self._path_cache.get(key)
-        if choice is None:
-            if len(self._path_cache) > 1024:  # many sequence lengths: start over rather than grow without bound
-                self._path_cache.clear()
-            choice = self._path_cache[key] = self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
-        return choice
-
     def _forward_adapters(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
         if not adapters:
@@ -251,8 +195,10 @@ class FTNLayer(nn.Module, FTNTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         return self._forward_adapters(x, self._active_here())
 
-    def _cast(self, adapter: str, dtype: torch.dtype) -> list[torch.Tensor]:
-        return [f if f.dtype == dtype else f.to(dtype) for f in self.factors(adapter)]
+    def _adapter_inputs(self, x: torch.Tensor, adapter: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``x`` and the factors, both in the dtype the adapter computes in (see `adapter_compute_dtype`)."""
+        dtype = adapter_compute_dtype(x, self.ftn_a[adapter].dtype)
+        return x.to(dtype), [f if f.dtype == dtype else f.to(dtype) for f in self.factors(adapter)]
 
     def __repr__(self) -> str:
         return "ftn." + super().__repr__()
@@ -264,23 +210,15 @@ class Conv(FTNLayer):
     def _default_kind(self, num_heads, style) -> str:
         return FF.CONV
 
-    def _positions(self, x):
-        if x is None:
-            return math.inf
+    def _in_out_features(self):
         base = self.get_base_layer()
-        return x.numel() / (base.in_channels * math.prod(base.stride))  # batch × output pixels (padding ignored)
+        return base.in_channels, base.out_channels
+
+    def _positions(self, x):
+        return conv_positions(x, self.get_base_layer())
 
     def _extra_macs(self, adapter: str) -> tuple[float, float]:
-        base = self.get_base_layer()
-        if base.padding_mode != "zeros":
-            return math.inf, 1.0  # the small-op path pads with zeros only
-        k, cin_g, cout = self.factor_dims(adapter)
-        g = base.groups
-        if k == 1:  # the spatial scalar is folded into the strided down-projection (functional.conv_delta)
-            factorized = self.r[adapter] * (cin_g * g + cout) + cout
-        else:  # per output position: 1x1 down at input resolution, depthwise k on g·r channels, 1x1 up, the add
-            factorized = self.r[adapter] * (cin_g * g * math.prod(base.stride) + g * k + cout) + cout
-        return float(factorized), float(k * cin_g * cout)
+        return conv_extra_macs(self.r[adapter], self.factor_dims(adapter), self.get_base_layer())
 
     def _forward_with_weight(self, x, weight):
         base = self.get_base_layer()
@@ -288,13 +226,14 @@ class Conv(FTNLayer):
 
     def _delta_activations(self, x, adapter):
         base = self.get_base_layer()
+        x, factors = self._adapter_inputs(x, adapter)
         padding = base.padding
         if base.padding_mode != "zeros":  # pad as nn.Conv does, then convolve without padding
             x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
             padding = 0
         return FF.conv_delta(
             x,
-            self._cast(adapter, x.dtype),
+            factors,
             base.kernel_size,
             base.stride,
             padding,
@@ -316,7 +255,8 @@ class Linear(FTNLayer):
         return F.linear(x, weight, self.get_base_layer().bias)
 
     def _delta_activations(self, x, adapter):
-        return FF.linear_delta(self.kind[adapter], x, self._cast(adapter, x.dtype), self.scaling[adapter])
+        x, factors = self._adapter_inputs(x, adapter)
+        return FF.linear_delta(self.kind[adapter], x, factors, self.scaling[adapter])
 
 
 class TransformersConv1D(Linear):

@@ -7,15 +7,18 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Optional
 
+import torch
 from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import AuxiliaryTrainingWrapper
 from peft.utils.other import get_pattern_key
 
 from .config import FTNConfig
-from .layer import BASE_ADAPTER, LAYER_CLASSES, FTNLayer, FTNTunerLayer
+from .layer import LAYER_CLASSES, FTNLayer
 from .loading import check_adapter_state_dict
 from .peft_type import PREFIX
-from .task_layers import TaskHead, TaskNorm
+from .routing import BASE_ADAPTER, MERGED_MESSAGE, FTNTunerLayer
+from .task_layers import TaskHead, TaskNorm, _SwappedModuleLayer
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
@@ -47,8 +50,9 @@ class FTNModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: FTNConfig, model_config: dict) -> FTNConfig:
         if peft_config.target_modules is None:
             raise ValueError(
-                "FTNConfig.target_modules is None: name the layers to adapt (suffixes or a regex), or start from a "
-                "preset such as ftn_peft.presets.resnet() or ftn_peft.presets.clip_vision()"
+                "Please specify `target_modules` in `peft_config`: FTNConfig.target_modules is None. Name the layers "
+                "to adapt (suffixes or a regex), or start from a preset such as ftn_peft.presets.resnet() or "
+                "ftn_peft.presets.clip_vision()"
             )
         return peft_config
 
@@ -203,6 +207,23 @@ class FTNModel(BaseTuner):
                 return hidden // heads
         return None
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's upcast of fp16/bf16 adapter weights to fp32, extended to the buffers of task BatchNorm copies.
+
+        PEFT casts the factors and the parameters of the task modules but not their buffers, and a BatchNorm with
+        fp32 weights and bf16 running statistics refuses to run. With ``autocast_adapter_dtype=False`` every
+        adapter weight keeps the base model's dtype.
+        """
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            return
+        for layer in self.model.modules():
+            if isinstance(layer, _SwappedModuleLayer) and adapter_name in layer.modules_by_adapter:
+                for module in layer.modules_by_adapter[adapter_name].modules():
+                    for name, buffer in module.named_buffers(recurse=False):
+                        if buffer.is_floating_point() and buffer.dtype in (torch.float16, torch.bfloat16):
+                            setattr(module, name, buffer.float())
+
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None):
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         self._check_patterns_matched(self.peft_config[adapter_name], adapter_name)
@@ -235,7 +256,8 @@ class FTNModel(BaseTuner):
         self._check_adapter_names(adapter_names)
         handles = []
         for module in self.model.modules():
-            if isinstance(module, FTNTunerLayer):
+            # modules_to_save copies (PEFT's AuxiliaryTrainingWrapper) route their samples too, as under LoRA.
+            if isinstance(module, (FTNTunerLayer, AuxiliaryTrainingWrapper)):
                 hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:
@@ -247,20 +269,25 @@ class FTNModel(BaseTuner):
     def _check_adapter_names(self, adapter_names) -> None:
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names must be a list of adapter names, one per sample")
-        known = set(self.peft_config) | {BASE_ADAPTER}
-        unknown = sorted(set(adapter_names) - known)
-        if unknown:
-            raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(known)}")
-        if any(m.merged for m in self.model.modules() if isinstance(m, FTNTunerLayer)):
-            raise ValueError("adapter_names= cannot be used on a merged model; call unmerge_adapter() first")
+        # Checked in PEFT's order (training mode, unknown names, merged layers) and with PEFT's words, so code
+        # written against LoRA's mixed batches keeps matching; FTN's explanation follows.
         if self.model.training:
             # In train mode each adapter's BatchNorm would normalise with its own group's batch statistics and
             # update its running statistics from that group only, and only the adapter made trainable by
             # set_adapter() would get gradients: a mixed batch would silently train something else than asked.
             raise ValueError(
-                "adapter_names= (mixed-adapter batches) is for inference: call model.eval() first; "
-                "train one adapter at a time with set_adapter()"
+                "Cannot pass `adapter_names` when the model is in training mode. adapter_names= (mixed-adapter "
+                "batches) is for inference: call model.eval() first; train one adapter at a time with set_adapter()"
             )
+        known = set(self.peft_config) | {BASE_ADAPTER}
+        unknown = sorted(set(adapter_names) - known)
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. adapter_names has unknown "
+                f"adapters {unknown}; known: {sorted(known)}"
+            )
+        if any(m.merged for m in self.model.modules() if isinstance(m, FTNTunerLayer)):
+            raise ValueError(MERGED_MESSAGE)
 
     def forward(self, *args, **kwargs):
         with self._enable_peft_forward_hooks(*args, **kwargs):

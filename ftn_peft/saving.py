@@ -31,7 +31,6 @@ import functools
 import os
 import re
 import shutil
-import stat
 import sys
 import uuid
 from typing import Callable, Optional

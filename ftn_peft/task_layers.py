@@ -9,6 +9,7 @@ Merging swaps in the adapter's module instead of changing the base one.
 from __future__ import annotations
 
 import copy
+from itertools import chain
 from typing import Any, Optional
 
 import torch
@@ -16,7 +17,12 @@ from torch import nn
 
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
-from .layer import FTNTunerLayer
+from .layer import adapter_compute_dtype
+from .routing import FTNTunerLayer, check_batch, route_per_sample
+
+
+def _float_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    return next((t.dtype for t in chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
 
 
 class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
@@ -28,6 +34,7 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         setattr(self, self.container_name, nn.ModuleDict())
+        self.in_features, self.out_features = self._in_out_features()
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -38,6 +45,9 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
         return getattr(self, self.container_name)
 
     def _new_module(self, **kwargs) -> nn.Module:
+        raise NotImplementedError
+
+    def _in_out_features(self) -> tuple[int, int]:
         raise NotImplementedError
 
     def update_layer(self, adapter_name: str, inference_mode: bool = False, **kwargs) -> None:
@@ -61,12 +71,27 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
     def _module_for(self, adapter: Optional[str]) -> nn.Module:
         return self.base_layer if adapter is None else self.modules_by_adapter[adapter]
 
+    def _run(self, adapter: Optional[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The adapter's module on ``x``; an fp32 adapter in a half-precision model computes in fp32, as LoRA does,
+        and hands its output back in the model's dtype."""
+        module = self._module_for(adapter)
+        dtype = _float_dtype(module)
+        if adapter is None or dtype is None or not x.is_floating_point():
+            return module(x, *args, **kwargs)
+        dtype = adapter_compute_dtype(x, dtype)
+        if dtype == x.dtype:
+            return module(x, *args, **kwargs)
+        return module(x.to(dtype), *args, **kwargs).to(x.dtype)
+
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
-            return self._route(x, adapter_names, lambda xs, a: self._module_for(a)(xs))
-        return self._module_for(self._selected())(x, *args, **kwargs)
+            return self._route(x, adapter_names, self._run_routed)
+        return self._run(self._selected(), x, *args, **kwargs)
+
+    def _run_routed(self, x: torch.Tensor, adapter: Optional[str]) -> torch.Tensor:
+        return self._run(adapter, x)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.modules_by_adapter]
@@ -74,8 +99,12 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
             raise ValueError(f"{type(self).__name__} can merge one adapter, not {self.merged_adapters + names}")
         if safe_merge:
             for name in names:
-                if not all(torch.isfinite(t).all() for t in self.modules_by_adapter[name].state_dict().values()):
-                    raise ValueError(f"adapter {name!r} has non-finite values in {type(self).__name__}; not merged")
+                values = self.modules_by_adapter[name].state_dict().values()
+                if not all(torch.isfinite(t).all() for t in values if t.is_floating_point()):
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken: its "
+                        f"{type(self).__name__} has non-finite values; it was not merged"
+                    )
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
@@ -86,7 +115,13 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
         if merge:
             self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         chosen = self.merged_adapters[-1] if (merge and self.merged_adapters) else None
-        return copy.deepcopy(self._module_for(chosen)) if chosen else self.base_layer
+        if not chosen:
+            return self.base_layer
+        unloaded = copy.deepcopy(self._module_for(chosen))
+        dtype = _float_dtype(self.base_layer)
+        # Like a merged LoRA delta, the unloaded module takes the base model's dtype (an fp32 adapter copy would
+        # not run on half-precision activations).
+        return unloaded if dtype is None else unloaded.to(dtype)
 
 
 class TaskNorm(_SwappedModuleLayer):
@@ -97,6 +132,9 @@ class TaskNorm(_SwappedModuleLayer):
 
     def _new_module(self) -> nn.Module:
         return copy.deepcopy(self.base_layer)
+
+    def _in_out_features(self) -> tuple[int, int]:
+        return self.base_layer.num_features, self.base_layer.num_features
 
     def __repr__(self) -> str:
         return "ftn." + super().__repr__()
@@ -122,6 +160,9 @@ class TaskHead(_SwappedModuleLayer):
             )
         super().__init__(base_layer, adapter_name, **kwargs)
 
+    def _in_out_features(self) -> tuple[int, int]:
+        return self.base_layer.in_features, self.base_layer.out_features
+
     def _new_module(self, num_outputs: Optional[int] = None) -> nn.Module:
         base = self.base_layer
         if num_outputs is None or num_outputs == base.out_features:
@@ -138,17 +179,8 @@ class TaskHead(_SwappedModuleLayer):
         sizes = {self._module_for(a if a in self.modules_by_adapter else None).out_features for a in adapter_names}
         if len(sizes) == 1:
             return super()._route(x, adapter_names, run)
-        if self.merged:
-            return super()._route(x, adapter_names, run)  # raises the merged-model error
-        if len(adapter_names) != x.shape[0]:
-            return super()._route(x, adapter_names, run)  # raises the length error
-        out: list[Optional[torch.Tensor]] = [None] * x.shape[0]
-        for name in dict.fromkeys(adapter_names):
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            y = run(x[rows], name if name in self.modules_by_adapter else None)
-            for i, row in zip(rows, y):
-                out[i] = row
-        return out
+        check_batch(adapter_names, x.shape[0], self.merged)
+        return route_per_sample(x, adapter_names, run, self._available())
 
     def __repr__(self) -> str:
         return "ftn." + super().__repr__()
