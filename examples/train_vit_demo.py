@@ -119,10 +119,8 @@ def select_lr(run, grid: list[float], step: float, max_widen: int) -> tuple[dict
         middle = (math.log(scales[0]) + math.log(scales[-1])) / 2
         pick = min((s for s in scales if trials[s]["val"] == top), key=lambda s: abs(math.log(s) - middle))
         edge = "low" if pick == scales[0] else "high" if pick == scales[-1] else ""
-        if len(scales) >= 3 and not edge:
-            return trials[pick], trials, ""
-        if widened >= max_widen:
-            return trials[pick], trials, edge or "narrow"
+        if not edge or widened >= max_widen:  # a grid of one or two values is all edge
+            return trials[pick], trials, edge
         new = scales[0] / step if edge == "low" else scales[-1] * step
         trials[new] = run(new)
         widened += 1
