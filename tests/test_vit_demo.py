@@ -189,3 +189,21 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
     key = ("label", "domain", "seed", "lr_scale", "val", "test", "trainable")
     assert [tuple(r[k] for k in key) for r in runs[0]] == [tuple(r[k] for k in key) for r in runs[1]]
     assert len(runs[0]) == 4
+
+
+def test_table_marks_a_rate_left_on_an_edge():
+    def result(label, domain, seed, test, edge=""):
+        return dict(label=label, domain=domain, seed=seed, test=test, trainable=1000, head=100, lr_scale=1.0,
+                    factor_lr=1e-2, head_lr=5e-2, lr_edge=edge)
+
+    results = [result("ftn_o_r4", d, s, 0.5 + 0.1 * s, "high" if d == "a" else "") for d in "ab" for s in (0, 1)]
+    results += [result("finetune", d, s, 0.9) for d in "ab" for s in (0, 1)]
+    rows = demo.summarize(results, backbone_params=10_000)
+    table = demo.markdown(rows, 10_000)
+    ftn_line = next(line for line in table.splitlines() if line.startswith("| ftn_o_r4"))
+    assert ftn_line.split(" | ")[1:3] == ["55.0 ± 7.1 †", "55.0 ± 7.1"]  # only domain a is marked
+    assert "†" not in next(line for line in table.splitlines() if line.startswith("| finetune"))
+    assert "still on an edge" in table
+    mean = next(r for r in rows if r["method"] == "ftn_o_r4" and r["domain"] == "mean")
+    assert mean["params_without_head"] == 900 and mean["total_params_multiple"] == pytest.approx(1.2)
+    assert "still on an edge" not in demo.markdown(demo.summarize(results[4:], 10_000), 10_000)
