@@ -10,9 +10,11 @@ Every method's learning rate is chosen on the validation split of the first seed
 widens itself while the best value sits on its edge (`--max_widen`); the table marks a rate still on an edge.
 Then every seed is trained at that rate; the table reports test top-1 as mean ± std over seeds.
 
-    python examples/train_vit_demo.py                       # table, CSV and plot in outputs/vit_demo
-    python examples/train_vit_demo.py --resnet_csv ftn_multidomain_output/results.csv   # plot both demos
-    python examples/train_vit_demo.py --replot outputs/vit_demo/results.csv --resnet_csv ...  # plot only
+    python examples/train_vit_demo.py                       # table, CSV and plot in outputs/train_vit_demo/
+    python examples/train_vit_demo.py --resnet_csv outputs/train_multidomain/results.csv   # plot both demos
+    python examples/train_vit_demo.py --replot outputs/train_vit_demo/vit_demo_results.csv --resnet_csv ...  # plot only
+
+Files (in --out): vit_demo_results.md, vit_demo_results.csv, vit_demo_accuracy_vs_params.png.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ftn_peft.demo import digits, vit  # noqa: E402
 
 # Base learning rates (Adam for everything but the head, SGD for the head: ftn_peft.optim); the grid multiplies
 # both. The paper's 5e-6 was tuned for the full-size CLIP and a long run; a tiny model in 60 steps needs far more.
+PREFIX = "vit_demo_"  # output file names, the same in outputs/ and docs/
 BASE_LR = {
     "linear_probe": (1e-3, 5e-2),  # no Adam part: only the head trains
     "finetune": (1e-3, 5e-2),
@@ -56,8 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--max_widen", type=int, default=3, help="extra grid points per (method, domain); 0: never widen")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--out", default="outputs/vit_demo", help="output directory (maintainers: --out docs)")
-    p.add_argument("--prefix", default=None, help="file-name prefix of the outputs (default: vit_demo_ under docs/)")
+    p.add_argument("--out", default="outputs/train_vit_demo", help="output directory, ignored by git (maintainers: docs)")
     p.add_argument("--resnet_csv", default=None,
                    help="results.csv of train_multidomain.py: plot the ResNet demo beside this one")
     p.add_argument("--replot", default=None, metavar="CSV",
@@ -83,8 +85,10 @@ def parse_args(argv=None):
         p.error("--widen_step must be > 1 and --max_widen >= 0")
     if args.workers < 1 or args.num_threads < 1:
         p.error("--workers and --num_threads must be >= 1")
-    if args.prefix is None:
-        args.prefix = "vit_demo_" if Path(args.out).name == "docs" else ""
+    for path in (args.resnet_csv, args.replot):
+        if path and not Path(path).is_file():
+            p.error(f"{path} does not exist; run the script that writes it first (examples/train_multidomain.py "
+                    "for --resnet_csv, this script for --replot), or leave the flag out")
     return args
 
 
@@ -300,12 +304,12 @@ def write_outputs(args, results: list[dict], backbone_params: int) -> str:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results, backbone_params)
-    with open(out / f"{args.prefix}results.csv", "w", newline="") as f:
+    with open(out / f"{PREFIX}results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     table = markdown(rows, backbone_params)
-    (out / f"{args.prefix}results.md").write_text(table + "\n")
+    (out / f"{PREFIX}results.md").write_text(table + "\n")
     write_plot(args, rows)
     return table
 
@@ -315,7 +319,7 @@ def write_plot(args, rows: list[dict]) -> None:
     if args.resnet_csv:
         panels.insert(0, ("tiny ResNet (train_multidomain.py), digits domains", read_csv(args.resnet_csv)))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    plot(panels, Path(args.out) / f"{args.prefix}accuracy_vs_params.png")
+    plot(panels, Path(args.out) / f"{PREFIX}accuracy_vs_params.png")
 
 
 def main(argv=None) -> str:

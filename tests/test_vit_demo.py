@@ -82,6 +82,12 @@ def test_unknown_method_is_refused(source):
         demo.parse_args(["--methods", "ftn"])
 
 
+def test_missing_resnet_csv_names_the_fix(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--resnet_csv", str(tmp_path / "nope.csv")])
+    assert "train_multidomain.py" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ the lr rule
 def _fake(val_of):
     calls = []
@@ -158,7 +164,7 @@ def test_command_end_to_end(tmp_path, capsys):
                        "--max_widen", "0", "--source_epochs", "1", "--workers", "1", "--cache_dir", str(tmp_path),
                        "--out", str(out), "--resnet_csv", str(resnet_csv)])
     assert "| ftn_o_r4 |" in table and table in capsys.readouterr().out
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = list(csv.DictReader(open(out / "vit_demo_results.csv")))
     labels = ["linear_probe", "finetune", "lora_qv_r4", "lora_qv_r3", "ftn_qv_r4", "ftn_o_r4"]
     assert [r["method"] for r in rows if r["domain"] == "mean"] == labels
     source = vit.load_source_vit(cache_dir=tmp_path, epochs=1)
@@ -170,10 +176,10 @@ def test_command_end_to_end(tmp_path, capsys):
         assert int(r["trainable_params"]) == baselines.trainable_parameters(model)
         assert float(r["total_params_multiple"]) == pytest.approx(
             1 + baselines.trainable_parameters(model) / vit.backbone_parameters(source))
-    assert (out / "results.md").read_text().strip() == table.strip()
-    assert (out / "accuracy_vs_params.png").stat().st_size > 10_000
-    demo.main(["--replot", str(out / "results.csv"), "--resnet_csv", str(resnet_csv), "--out", str(tmp_path / "re")])
-    assert (tmp_path / "re" / "accuracy_vs_params.png").stat().st_size > 10_000
+    assert (out / "vit_demo_results.md").read_text().strip() == table.strip()
+    assert (out / "vit_demo_accuracy_vs_params.png").stat().st_size > 10_000
+    demo.main(["--replot", str(out / "vit_demo_results.csv"), "--resnet_csv", str(resnet_csv), "--out", str(tmp_path / "re")])
+    assert (tmp_path / "re" / "vit_demo_accuracy_vs_params.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
