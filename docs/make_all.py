@@ -15,6 +15,7 @@ Timings are only meaningful on an otherwise idle machine: the benchmarks say so 
 | demo | examples/train_multidomain.py (3 seeds) | demo_results.md, demo_accuracy_vs_params.png |
 | demo5 | examples/train_multidomain.py --seeds 0,1,2,3,4 | demo_results_5seeds.md |
 | demo_zero_init | examples/train_multidomain.py --ftn_init zero | demo_results_zero_init.md |
+| vit_demo | examples/train_vit_demo.py (after demo: plots both) | vit_demo_results.{md,csv}, vit_demo_accuracy_vs_params.png |
 | analysis_heatmap_prune | examples/analysis_demo.py --only heatmap prune | analysis_heatmap_domains.png, analysis_heatmap_ranks.png, analysis_prune_curve.png, analysis_results_heatmap_prune.json |
 | analysis_ranks | examples/analysis_demo.py --only ranks | analysis_results_ranks.json |
 | analysis_convert | examples/analysis_demo.py --only convert --seeds 0 1 | analysis_results_convert.json |
@@ -62,6 +63,10 @@ JOBS = [
     Job("demo_zero_init", "examples/train_multidomain.py",
         ["--output_dir", "{work}", "--methods", "ftn,bn_head,lora", "--ranks", "1", "--ftn_init", "zero"],
         DEMO_QUICK, ["demo_results_zero_init.md"], {"results.md": "demo_results_zero_init.md"}),
+    Job("vit_demo", "examples/train_vit_demo.py", ["--out", "{out}", "--resnet_csv", "{work}/../demo/results.csv"],
+        ["--seeds", "0", "--epochs", "1", "--domains", "inverted", "--lr_grid", "1", "--max_widen", "0",
+         "--source_epochs", "1", "--workers", "1", "--cache_dir", "{work}/../cache"],
+        [f"vit_demo_{f}" for f in ("results.md", "results.csv", "accuracy_vs_params.png")]),
     Job("analysis_heatmap_prune", "examples/analysis_demo.py", ["--out", "{out}", "--only", "heatmap", "prune"],
         ANALYSIS_QUICK, ["analysis_heatmap_domains.png", "analysis_heatmap_ranks.png", "analysis_prune_curve.png",
                          "analysis_results_heatmap_prune.json"]),
