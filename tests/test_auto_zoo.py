@@ -289,3 +289,26 @@ def test_presets_use_auto_config_with_a_model():
     assert config.target_modules == {
         f"vision_model.encoder.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"
     }
+
+
+def test_timm_features_only_backbone():
+    """A headless feature pyramid (detection / segmentation backbones): all convs but the stem, no task head."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_100", pretrained=False, features_only=True).eval()
+    x = images()
+    with torch.no_grad():
+        base = model(x)
+    config = ftn_peft.auto_config(model, init_weights="xavier")
+    assert config.head_module is None
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert config.target_modules == convs - {"conv_stem"}
+    peft_model = get_peft_model(model, config).eval()
+    with torch.no_grad():
+        adapted = peft_model(x)
+        with peft_model.disable_adapter():
+            again = peft_model(x)
+    assert [a.shape for a in adapted] == [b.shape for b in base]
+    assert all(torch.equal(a, b) for a, b in zip(again, base))
+    assert not torch.allclose(adapted[-1], base[-1])
+    with pytest.raises(ValueError, match="no nn.Linear classifier"):
+        ftn_peft.auto_config(timm.create_model("mobilenetv3_small_100", features_only=True), num_classes=3)
