@@ -7,7 +7,8 @@ The targets are found from the module tree, not from name regexes written per ar
 - attention projections: `nn.Linear` layers inside a module whose class name contains "Attention", sorted into
   query / key / value (`q_proj`, `query`, ...), fused query-key-value (`qkv`, split by FTN into 3n heads) and output
   projections (`out_proj`, `proj`, `o_proj`, `c_proj`, `output.dense`); their head count is resolved by FTN from the
-  attention module or the model config;
+  attention module or the model config; other Linear layers inside attention modules (Swin V2's position MLP) and
+  the projections of `nn.MultiheadAttention` (which reads their weights without calling them) are never adapted;
 - MLP layers: every other `nn.Linear` but the classifier (only with `targets="mlp"` or `"all"`);
 - the classifier, as the task head: timm's `pretrained_cfg["classifier"]`, or transformers' `classifier`.
 
