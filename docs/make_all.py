@@ -23,6 +23,7 @@ Timings are only meaningful on an otherwise idle machine: the benchmarks say so 
 | compute_paths_resnet50, compute_paths_clip-qv | benchmarks/bench_compute_paths.py | compute_paths_<backbone>_cpu.md |
 | scaling | benchmarks/bench_scaling.py | scaling_resnet18_cpu.{md,json,png} |
 | serving | benchmarks/bench_serving.py | serving_bench.json, serving.png |
+| zoo | benchmarks/zoo_table.py | zoo.md |
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ JOBS = [
     Job("scaling", "benchmarks/bench_scaling.py", ["--out", "{out}"],
         ["--ranks", "1", "2", "--adapter_counts", "1", "2", "--repeats", "1", "--image_size", "32"],
         [f"scaling_resnet18_cpu.{ext}" for ext in ("md", "json", "png")]),
+    Job("zoo", "benchmarks/zoo_table.py", ["--out", "{out}"], ["--models", "timm/regnety_002", "hf/resnet-50"],
+        ["zoo.md"]),
     Job("serving", "benchmarks/bench_serving.py", ["--out", "{out}"],
         ["--res", "16", "--batch", "2", "--tasks", "1", "2", "--repeats", "1"], ["serving_bench.json", "serving.png"]),
 ]

@@ -72,11 +72,13 @@ def timm_loss(outputs, labels, num_items_in_batch=None):
 
 
 def timm_classifier(name: str, num_classes: int = 10, pretrained: bool = True, **kwargs):
-    """A named timm model with a fresh head, FTN on its ResNet convs, wrapped for the Trainer."""
+    """A named timm model with a fresh head, FTN on its convs (all but the stem) and attention projections (a
+    ViT, Swin, ...), as `ftn_peft.auto_config` finds them; wrapped for the Trainer."""
     import timm
 
     timm_model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    config = ftn_peft.presets.resnet(r=1, num_classes=num_classes, model=timm_model)
+    config = ftn_peft.auto_config(timm_model, r=1, targets=["convs", "attention"], num_classes=num_classes,
+                                  init_weights="xavier")
     return get_peft_model(TimmForTrainer(timm_model), config)
 
 

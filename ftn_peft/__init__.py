@@ -32,6 +32,7 @@ def _register() -> None:
 _register()
 
 from . import presets  # noqa: E402  (presets build FTNConfigs, which need the registration above)
+from .auto import auto_config  # noqa: E402
 from .report import ParameterReport, parameter_report  # noqa: E402
 from .serving import forward_all_tasks  # noqa: E402
 
@@ -45,6 +46,7 @@ __all__ = [
     "ParameterReport",
     "TaskHead",
     "TaskNorm",
+    "auto_config",
     "forward_all_tasks",
     "parameter_report",
     "presets",

@@ -190,9 +190,13 @@ class FTNModel(BaseTuner):
             if "attention" not in type(module).__name__.lower():
                 continue
             inside_attention = True
-            for attr in _HEAD_DIM_ATTRS:
-                if isinstance(getattr(module, attr, None), int):
-                    return getattr(module, attr)
+            # The module itself, or its self-attention child (transformers' Swin: SwinAttention.self)
+            for holder in (module, *module.children()):
+                for attr in _HEAD_DIM_ATTRS:
+                    if isinstance(getattr(holder, attr, None), int):
+                        return getattr(holder, attr)
+            if isinstance(getattr(module, "num_heads", None), int) and isinstance(getattr(module, "dim", None), int):
+                return module.dim // module.num_heads  # timm's WindowAttention (Swin) stores no head size
         if not inside_attention:
             return None
         cfg = getattr(self.model, "config", None)
@@ -203,7 +207,7 @@ class FTNModel(BaseTuner):
                 return c.head_dim
             hidden = next((getattr(c, a) for a in ("hidden_size", "n_embd", "d_model") if hasattr(c, a)), None)
             heads = next((getattr(c, a) for a in _NUM_HEADS_ATTRS if hasattr(c, a)), None)
-            if hidden and heads:
+            if hidden and isinstance(heads, int):
                 return hidden // heads
         return None
 
