@@ -41,8 +41,12 @@ def test_missing_target_modules_points_to_presets():
 
 
 def test_target_that_matches_nothing():
-    with pytest.raises(ValueError, match=r"Target modules .*conv9.* not found"):
+    with pytest.raises(ValueError, match=r"target_modules=\['conv9'\] matches no module .*can adapt here: \['conv1'"):
         get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv9"]))
+    with pytest.raises(ValueError, match=r"target_modules='layer9\.\*' matches no module"):
+        get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules="layer9.*"))
+    with pytest.raises(ValueError, match=r"target_modules=\['conv1'\] matches no module of the model outside exclude"):
+        get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv1"], exclude_modules=".*conv1"))
 
 
 def test_rank_pattern_key_that_matches_nothing():
