@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Optional
 
+import torch
 from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils.other import get_pattern_key
@@ -241,6 +242,8 @@ class FTNModel(BaseTuner):
                 f"layers FTN can adapt here: {adaptable[:6]}{' ...' if len(adaptable) > 6 else ''}"
             )
         self._check_patterns_matched(config, targets)
+        self._check_ranks(config, model, targets)
+        self._check_excludes_matched(config, names)
         head = _resolve_head(model, config) if config.head_module is not None else None
         if head in targets:
             raise ValueError(
@@ -258,6 +261,38 @@ class FTNModel(BaseTuner):
                     f"{attr} keys {unmatched} match no adapted module (none of the target_modules); adapted "
                     f"modules are e.g. {targets[:3]}"
                 )
+
+    @staticmethod
+    def _check_ranks(config: FTNConfig, model: nn.Module, targets: list[str]) -> None:
+        # No tensor needs more CP components than it has entries; a larger rank is a typo that would only exhaust memory.
+        for name in targets:
+            weight = getattr(model.get_submodule(name), "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                continue
+            key = get_pattern_key(config.rank_pattern.keys(), name)
+            r = config.rank_pattern.get(key, config.r)
+            if r > weight.numel():
+                field = f"rank_pattern[{key!r}]" if key in config.rank_pattern else "r"
+                raise ValueError(
+                    f"{field}={r} exceeds the {weight.numel()} entries of {name!r}'s weight; no CP decomposition of it "
+                    "needs more components than that: use a smaller rank"
+                )
+
+    @staticmethod
+    def _check_excludes_matched(config: FTNConfig, names: list[str]) -> None:
+        # PEFT only warns about an exclude_modules that excludes nothing; like a rank_pattern key, it is a typo here.
+        exclude = config.exclude_modules
+        if not exclude:
+            return
+        if isinstance(exclude, str):
+            unused = [] if any(re.fullmatch(exclude, n) for n in names) else [exclude]
+        else:
+            unused = sorted(e for e in exclude if not any(n == e or n.endswith("." + e) for n in names))
+        if unused:
+            raise ValueError(
+                f"exclude_modules {unused} match no module of the model; name modules by exact name or suffix "
+                "(a list) or by a regex matching the full name (a string), or leave exclude_modules=None"
+            )
 
     @staticmethod
     def _check_modules_to_save(config: FTNConfig, model: nn.Module, names: list[str]) -> None:
