@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils.other import get_pattern_key
+from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 
 from .config import FTNConfig
 from .layer import BASE_ADAPTER, LAYER_CLASSES, FTNLayer, FTNTunerLayer
@@ -235,7 +235,9 @@ class FTNModel(BaseTuner):
         targets = [n for n in names if self._check_target_module_exists(config, n)]
         if not targets:
             adaptable = [n for n in names if isinstance(model.get_submodule(n), tuple(LAYER_CLASSES))]
-            excluded = " outside exclude_modules / modules_to_save" if config.exclude_modules or config.modules_to_save else ""
+            excluded = ""
+            if config.exclude_modules or config.modules_to_save:
+                excluded = " outside exclude_modules / modules_to_save"
             raise ValueError(
                 f"target_modules={_shown(config.target_modules)} matches no module of the model{excluded}: name "
                 f"layers by exact name or suffix (a list) or by a regex matching the full name (a string); "
@@ -264,7 +266,7 @@ class FTNModel(BaseTuner):
 
     @staticmethod
     def _check_ranks(config: FTNConfig, model: nn.Module, targets: list[str]) -> None:
-        # No tensor needs more CP components than it has entries; a larger rank is a typo that would only exhaust memory.
+        # No tensor needs more CP components than it has entries: a larger rank is a typo that only exhausts memory.
         for name in targets:
             weight = getattr(model.get_submodule(name), "weight", None)
             if not isinstance(weight, torch.Tensor):
@@ -298,13 +300,17 @@ class FTNModel(BaseTuner):
     def _check_modules_to_save(config: FTNConfig, model: nn.Module, names: list[str]) -> None:
         if not config.modules_to_save:
             return
+        wrappers = tuple(n + "." for n, m in model.named_modules() if n and isinstance(m, AuxiliaryTrainingWrapper))
+        names = [n for n in names if not n.startswith(wrappers)]
         # PEFT's task-type wrappers add these two names whether or not the model has them.
         implicit = {"classifier", "score"} if config.task_type is not None else set()
+        matched: dict[str, str] = {}
         for entry in config.modules_to_save:
             matches = [n for n in names if n.endswith(entry)]  # PEFT's matching for modules_to_save
             if not matches and entry not in implicit:
                 raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
             for name in matches:
+                matched.setdefault(name, entry)
                 for sub_name, sub in model.get_submodule(name).named_modules(prefix=name):
                     is_head = config.head_module is not None and _is_head_name(sub_name, config.head_module)
                     is_norm = config.task_batchnorm and isinstance(sub, _NORM_TYPES)
@@ -314,6 +320,15 @@ class FTNModel(BaseTuner):
                             "already keeps per adapter (task BatchNorm, task head or FTN layer); remove it from "
                             "modules_to_save"
                         )
+                    if sub_name != name and isinstance(sub, AuxiliaryTrainingWrapper):
+                        matched[sub_name] = "an earlier adapter's modules_to_save"
+        for outer, entry in matched.items():
+            inner = next((n for n in matched if n.startswith(outer + ".")), None)
+            if inner is not None:
+                raise ValueError(
+                    f"modules_to_save entry {entry!r} covers {outer!r}, which contains {inner!r} (from "
+                    f"{matched[inner]!r}): a module saved inside another one breaks saving; keep only the outer one"
+                )
 
     # --- loading ---------------------------------------------------------------------------------------
     @classmethod
@@ -398,8 +413,11 @@ def _output_layers(model: nn.Module) -> list[str]:
         if isinstance(module, nn.Module) and _linear_of(module) is not None and id(module) in by_id:
             found.append(by_id[id(module)])
     if not found:  # any other model: its last Linear layer
-        last = [n for n, m in model.named_modules() if n and _linear_of(m) is not None and not FTNModel._inside_tuner_layer(model, n)]
-        found = last[-1:]
+        linears = [
+            n for n, m in model.named_modules()
+            if n and _linear_of(m) is not None and not FTNModel._inside_tuner_layer(model, n)
+        ]
+        found = linears[-1:]
     return list(dict.fromkeys(found))
 
 
@@ -426,9 +444,9 @@ def _resolve_head(model: nn.Module, config: FTNConfig) -> str:
         valid = _output_layers(model)
         if name not in valid:
             raise ValueError(
-                f"head_module={config.head_module!r} names {name!r}, a middle layer with {linear.out_features} outputs; "
-                f"head_num_outputs={config.head_num_outputs} would break the layers after it. A head of another size "
-                f"must be the model's output layer: {valid}"
+                f"head_module={config.head_module!r} names {name!r}, a middle layer with {linear.out_features} "
+                f"outputs; head_num_outputs={config.head_num_outputs} would break the layers after it. A head of "
+                f"another size must be the model's output layer: {valid}"
             )
     return name
 

@@ -89,6 +89,8 @@ def test_modules_to_save_errors():
         get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv2"], modules_to_save=["nothing"]))
     with pytest.raises(ValueError, match=r"modules_to_save entry 'layer1' covers 'layer1.0.bn1' \(BatchNorm2d\)"):
         get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv2"], modules_to_save=["layer1"]))
+    with pytest.raises(ValueError, match=r"entry 'encoder' covers '.*encoder', which contains '.*layers.0.self_attn.q_proj'"):
+        get_peft_model(tiny_clip_classifier(), FTNConfig(target_modules=["patch_embedding"], modules_to_save=["q_proj", "encoder"]))
     with pytest.raises(ValueError, match=r"modules_to_save entry 'fc' covers 'fc' \(TaskHead\)"):
         model = get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv2"], head_module="fc"))
         model.add_adapter("b", FTNConfig(target_modules=["conv2"], modules_to_save=["fc"]))
@@ -176,3 +178,10 @@ def test_exclude_modules_that_exclude_nothing():
         get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv1"], exclude_modules="layer9.*"))
     model = get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv1"], exclude_modules=["layer1.0.conv1"]))
     assert not hasattr(model.base_model.model.layer1[0].conv1, "ftn_a")
+
+
+def test_modules_to_save_around_an_earlier_adapters_copy():
+    model = get_peft_model(tiny_clip_classifier(), FTNConfig(target_modules=["patch_embedding"], modules_to_save=["q_proj"]))
+    with pytest.raises(ValueError, match=r"covers '.*encoder', which contains '.*q_proj' \(from \"an earlier adapter"):
+        model.add_adapter("b", FTNConfig(target_modules=["patch_embedding"], modules_to_save=["encoder"]))
+    assert set(model.peft_config) == {"default"}
