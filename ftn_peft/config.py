@@ -126,7 +126,9 @@ class FTNConfig(PeftConfig):
 
     def __post_init__(self):
         if self.task_type is not None and self.task_type not in list(TaskType):
-            raise ValueError(f"task_type={self.task_type!r} is not one of {[t.value for t in TaskType]} or None")
+            raise ValueError(
+                f"Invalid task type: {self.task_type!r}; task_type must be one of {[t.value for t in TaskType]} or None"
+            )
         super().__post_init__()
         self.peft_type = FTN_PEFT_TYPE
         # Every field is checked here, before any model is touched: a bad value is a ValueError / TypeError that

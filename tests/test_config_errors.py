@@ -69,7 +69,7 @@ def test_config_validation(kwargs, message):
         (dict(modules_to_save=["fc("]), ValueError, r"modules_to_save: 'fc\(' is not a valid regular expression"),
         (dict(inference_mode="yes"), TypeError, r"inference_mode must be True or False"),
         (dict(revision=3), TypeError, r"revision must be a string or None"),
-        (dict(task_type="bogus"), ValueError, r"task_type=.bogus. is not one of"),
+        (dict(task_type="bogus"), ValueError, r"Invalid task type: .bogus.; task_type must be one of"),
     ],
 )
 def test_wrong_types_and_values_name_the_field(kwargs, error, message):
