@@ -74,24 +74,27 @@ class FTNModel(BaseTuner):
                     self._swap(model, name, TaskNorm(module, adapter_name, inference_mode=peft_config.inference_mode))
 
     def _adapter_being_injected(self, peft_config: FTNConfig) -> str:
-        return next(name for name, conf in self.peft_config.items() if conf is peft_config)
+        # PEFT's _prepare_model hook gets the config, not the adapter name. Adapters are identified by the name that
+        # inject_adapter remembers: one config object may serve several adapters.
+        name = getattr(self, "_injecting_adapter", None)
+        if name is not None:
+            return name
+        names = [n for n, conf in self.peft_config.items() if conf is peft_config]
+        if len(names) != 1:
+            raise ValueError(
+                f"cannot tell which adapter this config belongs to (used by {names or 'none'}); "
+                "add adapters with get_peft_model / PeftModel.add_adapter"
+            )
+        return names[0]
 
     def _wrap_head(self, model: nn.Module, config: FTNConfig, adapter_name: str) -> None:
-        matches = [
-            name for name, m in model.named_modules()
-            if (name == config.head_module or name.endswith("." + config.head_module))
-            and not self._inside_tuner_layer(model, name)
-        ]
-        if len(matches) != 1:
-            found = "no module" if not matches else f"{len(matches)} modules ({matches})"
-            raise ValueError(f"head_module={config.head_module!r} matches {found}; it must name exactly one module")
-        head = model.get_submodule(matches[0])
+        name = _resolve_head(model, config)
+        head = model.get_submodule(name)
         if isinstance(head, TaskHead):
             head.update_layer(adapter_name, inference_mode=config.inference_mode, num_outputs=config.head_num_outputs)
         else:
             kwargs = dict(inference_mode=config.inference_mode, num_outputs=config.head_num_outputs)
-            self._swap(model, matches[0], TaskHead(head, adapter_name, **kwargs))
-        self._head_name = matches[0]
+            self._swap(model, name, TaskHead(head, adapter_name, **kwargs))
 
     @staticmethod
     def _inside_tuner_layer(model: nn.Module, name: str) -> bool:
@@ -229,17 +232,126 @@ class FTNModel(BaseTuner):
                             setattr(module, name, buffer.float())
 
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None):
-        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
-        self._check_patterns_matched(self.peft_config[adapter_name], adapter_name)
+        """PEFT's injection, checked against the model first and undone if it still fails half-way.
 
-    def _check_patterns_matched(self, config: FTNConfig, adapter_name: str) -> None:
-        adapted = [n for n, m in self.model.named_modules() if isinstance(m, FTNLayer) and adapter_name in m.r]
+        A failed `get_peft_model` / `add_adapter` / `load_adapter` leaves the model as it was: module tree,
+        parameters, buffers, requires_grad, peft_config entries and active adapter.
+        """
+        snapshot = _Snapshot(self, model)
+        self._injecting_adapter = adapter_name
+        try:
+            self._check_config_against_model(self.peft_config[adapter_name], model, state_dict)
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        except BaseException:
+            snapshot.restore()
+            raise
+        finally:
+            self.__dict__.pop("_injecting_adapter", None)
+
+    def _check_config_against_model(self, config: FTNConfig, model: nn.Module, state_dict) -> None:
+        """The checks that need the model, run before anything is wrapped."""
+        if config.head_module is not None:
+            _resolve_head(model, config)
+        if state_dict is not None or config.target_modules is None:
+            return  # targets come from the checkpoint's keys; None is refused by _prepare_adapter_config
+        skip = tuple(n + "." for n, m in model.named_modules() if n and isinstance(m, BaseTunerLayer))
+        names = [n for n, _ in model.named_modules() if n and not n.startswith(skip)]
+        targets = [n for n in names if self._check_target_module_exists(config, n)]
+        if not targets:
+            adaptable = [n for n in names if isinstance(model.get_submodule(n), tuple(LAYER_CLASSES))]
+            excluded = ""
+            if config.exclude_modules or config.modules_to_save:
+                excluded = " outside exclude_modules / modules_to_save"
+            raise ValueError(
+                f"target_modules={_shown(config.target_modules)} matches no module of the model{excluded}: name "
+                f"layers by exact name or suffix (a list) or by a regex matching the full name (a string); "
+                f"layers FTN can adapt here: {adaptable[:6]}{' ...' if len(adaptable) > 6 else ''}"
+            )
+        self._check_patterns_matched(config, targets)
+        self._check_ranks(config, model, targets)
+        self._check_excludes_matched(config, names)
+        head = _resolve_head(model, config) if config.head_module is not None else None
+        if head in targets:
+            raise ValueError(
+                f"target {head!r} is a task head of FTN; remove it from target_modules (or add it to exclude_modules): "
+                f"head_module={config.head_module!r} already gives each adapter a whole copy of it"
+            )
+        self._check_modules_to_save(config, model, names)
+
+    def _check_patterns_matched(self, config: FTNConfig, targets: list[str]) -> None:
+        # PEFT warns and ignores such keys; a per-layer rank that silently does nothing is an error here.
         for attr in ("rank_pattern", "alpha_pattern"):
-            unmatched = [k for k in getattr(config, attr) if not any(re.match(rf"(.*\.)?({k})$", n) for n in adapted)]
+            unmatched = [k for k in getattr(config, attr) if not any(re.match(rf"(.*\.)?({k})$", n) for n in targets)]
             if unmatched:
                 raise ValueError(
-                    f"{attr} keys {unmatched} match no adapted module of adapter {adapter_name!r}; adapted modules "
-                    f"are e.g. {adapted[:3]}"
+                    f"{attr} keys {unmatched} match no adapted module (none of the target_modules); adapted "
+                    f"modules are e.g. {targets[:3]}"
+                )
+
+    @staticmethod
+    def _check_ranks(config: FTNConfig, model: nn.Module, targets: list[str]) -> None:
+        # No tensor needs more CP components than it has entries: a larger rank is a typo that only exhausts memory.
+        for name in targets:
+            weight = getattr(model.get_submodule(name), "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                continue
+            key = get_pattern_key(config.rank_pattern.keys(), name)
+            r = config.rank_pattern.get(key, config.r)
+            if r > weight.numel():
+                field = f"rank_pattern[{key!r}]" if key in config.rank_pattern else "r"
+                raise ValueError(
+                    f"{field}={r} exceeds the {weight.numel()} entries of {name!r}'s weight; no CP decomposition of it "
+                    "needs more components than that: use a smaller rank"
+                )
+
+    @staticmethod
+    def _check_excludes_matched(config: FTNConfig, names: list[str]) -> None:
+        # PEFT only warns about an exclude_modules that excludes nothing; like a rank_pattern key, it is a typo here.
+        exclude = config.exclude_modules
+        if not exclude:
+            return
+        if isinstance(exclude, str):
+            unused = [] if any(re.fullmatch(exclude, n) for n in names) else [exclude]
+        else:
+            unused = sorted(e for e in exclude if not any(n == e or n.endswith("." + e) for n in names))
+        if unused:
+            raise ValueError(
+                f"exclude_modules {unused} match no module of the model; name modules by exact name or suffix "
+                "(a list) or by a regex matching the full name (a string), or leave exclude_modules=None"
+            )
+
+    @staticmethod
+    def _check_modules_to_save(config: FTNConfig, model: nn.Module, names: list[str]) -> None:
+        if not config.modules_to_save:
+            return
+        wrappers = tuple(n + "." for n, m in model.named_modules() if n and isinstance(m, AuxiliaryTrainingWrapper))
+        names = [n for n in names if not n.startswith(wrappers)]
+        # PEFT's task-type wrappers add these two names whether or not the model has them.
+        implicit = {"classifier", "score"} if config.task_type is not None else set()
+        matched: dict[str, str] = {}
+        for entry in config.modules_to_save:
+            matches = [n for n in names if n.endswith(entry)]  # PEFT's matching for modules_to_save
+            if not matches and entry not in implicit:
+                raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
+            for name in matches:
+                matched.setdefault(name, entry)
+                for sub_name, sub in model.get_submodule(name).named_modules(prefix=name):
+                    is_head = config.head_module is not None and _is_head_name(sub_name, config.head_module)
+                    is_norm = config.task_batchnorm and isinstance(sub, _NORM_TYPES)
+                    if is_head or is_norm or isinstance(sub, BaseTunerLayer):
+                        raise ValueError(
+                            f"modules_to_save entry {entry!r} covers {sub_name!r} ({type(sub).__name__}), which FTN "
+                            "already keeps per adapter (task BatchNorm, task head or FTN layer); remove it from "
+                            "modules_to_save"
+                        )
+                    if sub_name != name and isinstance(sub, AuxiliaryTrainingWrapper):
+                        matched[sub_name] = "an earlier adapter's modules_to_save"
+        for outer, entry in matched.items():
+            inner = next((n for n in matched if n.startswith(outer + ".")), None)
+            if inner is not None:
+                raise ValueError(
+                    f"modules_to_save entry {entry!r} covers {outer!r}, which contains {inner!r} (from "
+                    f"{matched[inner]!r}): a module saved inside another one breaks saving; keep only the outer one"
                 )
 
     # --- loading ---------------------------------------------------------------------------------------
@@ -302,3 +414,111 @@ class FTNModel(BaseTuner):
 def _inject_adapter_names(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def _is_head_name(name: str, head_module: str) -> bool:
+    return name == head_module or name.endswith("." + head_module)
+
+
+def _linear_of(module: nn.Module) -> Optional[nn.Linear]:
+    base = module.base_layer if isinstance(module, TaskHead) else module
+    return base if isinstance(base, nn.Linear) else None
+
+
+def _output_layers(model: nn.Module) -> list[str]:
+    """The layers whose outputs are the model's outputs: the only ones a head of another size may replace."""
+    found = []
+    candidates = []
+    if callable(getattr(model, "get_classifier", None)):  # timm
+        candidates.append(model.get_classifier())
+    for attr in ("classifier", "score"):  # transformers' classification heads
+        candidates.append(getattr(model, attr, None))
+    if callable(getattr(model, "get_output_embeddings", None)):  # transformers' LM heads
+        try:
+            candidates.append(model.get_output_embeddings())
+        except (NotImplementedError, AttributeError):
+            pass
+    by_id = {id(m): n for n, m in model.named_modules()}
+    for module in candidates:
+        if isinstance(module, nn.Module) and _linear_of(module) is not None and id(module) in by_id:
+            found.append(by_id[id(module)])
+    if not found:  # any other model: its last Linear layer
+        linears = [
+            n for n, m in model.named_modules()
+            if n and _linear_of(m) is not None and not FTNModel._inside_tuner_layer(model, n)
+        ]
+        found = linears[-1:]
+    return list(dict.fromkeys(found))
+
+
+def _resolve_head(model: nn.Module, config: FTNConfig) -> str:
+    """The one module head_module names; an nn.Linear, and the model's output layer if the head changes size."""
+    matches = [
+        name for name, _ in model.named_modules()
+        if name and _is_head_name(name, config.head_module) and not FTNModel._inside_tuner_layer(model, name)
+    ]
+    if len(matches) != 1:
+        found = "no module" if not matches else f"{len(matches)} modules ({matches[:5]})"
+        valid = _output_layers(model)
+        raise ValueError(
+            f"head_module={config.head_module!r} matches {found}; it must name exactly one module, e.g. {valid}"
+        )
+    name = matches[0]
+    linear = _linear_of(model.get_submodule(name))
+    if linear is None:
+        raise TypeError(
+            f"head_module={config.head_module!r} names {name!r}, a {type(model.get_submodule(name)).__name__}; it "
+            f"must name an nn.Linear classifier, e.g. {_output_layers(model)} (wrap other heads with modules_to_save)"
+        )
+    if config.head_num_outputs not in (None, linear.out_features):
+        valid = _output_layers(model)
+        if name not in valid:
+            raise ValueError(
+                f"head_module={config.head_module!r} names {name!r}, a middle layer with {linear.out_features} "
+                f"outputs; head_num_outputs={config.head_num_outputs} would break the layers after it. A head of "
+                f"another size must be the model's output layer: {valid}"
+            )
+    return name
+
+
+def _shown(targets):
+    return sorted(targets) if isinstance(targets, (set, frozenset)) else repr(targets)
+
+
+class _Snapshot:
+    """What injecting an adapter can change in a module tree, to undo a failed injection.
+
+    Every module's attributes (the `_modules` / `_parameters` / `_buffers` dicts and the tuner layers' per-adapter
+    dicts among them, one container level deep) and every parameter's requires_grad. Restored in place, so that hook
+    handles and outside references to these containers stay valid. Injection only adds or swaps modules and flips
+    requires_grad; it never writes into existing tensors.
+    """
+
+    def __init__(self, *roots: nn.Module) -> None:
+        modules = {id(m): m for root in roots for m in root.modules()}
+        self.modules = []
+        for module in modules.values():
+            attrs = dict(module.__dict__)
+            contents = {k: _copy_container(v) for k, v in attrs.items() if isinstance(v, (dict, list, set))}
+            self.modules.append((module, attrs, contents))
+        params = {id(p): p for m in modules.values() for p in m.parameters(recurse=False)}
+        self.requires_grad = [(p, p.requires_grad) for p in params.values()]
+
+    def restore(self) -> None:
+        for module, attrs, contents in self.modules:
+            for key in set(module.__dict__) - set(attrs):
+                del module.__dict__[key]
+            module.__dict__.update(attrs)
+            for key, saved in contents.items():
+                container = attrs[key]
+                if isinstance(container, list):
+                    container[:] = saved
+                else:
+                    container.clear()
+                    container.update(saved)
+        for p, requires_grad in self.requires_grad:
+            p.requires_grad_(requires_grad)
+
+
+def _copy_container(value):
+    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else set(value)
