@@ -27,6 +27,7 @@ CASES = {
     "conv1x1_groups_padding": (lambda: nn.Conv2d(6, 8, 1, stride=2, padding=1, dilation=2, groups=2), (2, 6, 8, 8), {}),
     "conv1d_pointwise": (lambda: nn.Conv1d(6, 8, 1), (2, 6, 11), {}),
     "conv1d": (lambda: nn.Conv1d(6, 8, 3, stride=2, padding=1), (2, 6, 11), {}),
+    "conv_two_taps": (lambda: nn.Conv2d(6, 8, (2, 1), padding=(1, 0)), (2, 6, 7, 7), {}),  # k = 2: not the 1×1 fold
     "linear_qkv": (lambda: nn.Linear(12, 16), (2, 5, 12), {"num_heads": 4}),
     "linear_out": (lambda: nn.Linear(16, 12), (2, 5, 16), {"num_heads": 4, "style": "out"}),
     "linear_matrix": (lambda: nn.Linear(12, 10), (2, 5, 12), {}),
