@@ -1,12 +1,14 @@
 """Behaviours that mutation testing (docs/mutation.md) found no other test pinned down."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 from peft import get_peft_model
 
 import ftn_peft
-from ftn_peft import TaskHead, TaskNorm
+from ftn_peft import FTNConfig, TaskHead, TaskNorm
 from ftn_peft import functional as FF
 
 from conftest import tiny_timm_resnet
@@ -142,3 +144,12 @@ def test_task_layers_print_as_ftn_modules():
     head = TaskHead(nn.Linear(6, 3), "a")
     norm = TaskNorm(nn.BatchNorm2d(3), "a")
     assert repr(head).startswith("ftn.TaskHead(") and repr(norm).startswith("ftn.TaskNorm(")
+
+
+def test_an_adapter_without_task_bn_or_head_runs_on_the_base_ones(images):
+    base = tiny_timm_resnet()
+    model = get_peft_model(copy.deepcopy(base), ftn_peft.presets.resnet(r=1, num_classes=4), adapter_name="a")
+    model.add_adapter("plain", FTNConfig(r=1, target_modules=["conv1"], task_batchnorm=False))  # c = 0: a no-op
+    model.set_adapter("plain")
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), base(images))
