@@ -153,3 +153,9 @@ def test_an_adapter_without_task_bn_or_head_runs_on_the_base_ones(images):
     model.set_adapter("plain")
     with torch.no_grad():
         torch.testing.assert_close(model(images), base(images))
+
+
+def test_a_non_linear_head_is_refused_with_the_alternative():
+    with pytest.raises(TypeError, match=r"head_module must name an nn.Linear classifier, got Conv2d; "
+                       r"wrap other heads with modules_to_save instead"):
+        TaskHead(nn.Conv2d(3, 3, 1), "a")
