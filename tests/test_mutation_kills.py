@@ -104,7 +104,7 @@ def test_safe_merge_checks_task_bn_and_head(images):
     model = _two_task_resnet()
     with torch.no_grad():
         model.base_model.model.fc.ftn_head["b"].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"adapter 'b' has non-finite values in TaskHead; not merged"):
+    with pytest.raises(ValueError, match=r"adapter b seems to be broken: its TaskHead has non-finite values; it was not merged"):
         model.merge_and_unload(safe_merge=True, adapter_names=["b"])
 
 
@@ -136,7 +136,7 @@ def test_task_head_calls_with_mixed_sizes_give_clear_errors():
     with pytest.raises(ValueError, match="adapter_names has 3 entries but the batch has 2 samples"):
         head(x, adapter_names=["a", "b", "a"])
     head.merge(adapter_names=["a"])
-    with pytest.raises(ValueError, match="cannot run on a merged model; call unmerge_adapter"):
+    with pytest.raises(ValueError, match=r"please call `unmerge_adapter` first. adapter_names= \(mixed-adapter batches\) cannot run on a merged model"):
         head(x, adapter_names=["a", "b"])
 
 
