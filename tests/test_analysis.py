@@ -53,7 +53,7 @@ def test_layer_norms_are_norms_of_delta_and_of_each_component(alpha):
     a, b, c = layer.factors("default")
     for i in range(3):
         comp = FF.delta_weight("conv", [a[i : i + 1], b[i : i + 1], c[i : i + 1]], layer.base_layer.weight.shape)
-        torch.testing.assert_close(entry.component_norms[i], float(comp.detach().norm()) * layer.scaling["default"])
+        torch.testing.assert_close(entry.component_norms[i], float(comp.detach().norm()) * (1.0 if alpha is None else alpha / 3))
     assert entry.params_per_component == sum(f.shape[1] for f in layer.factors("default"))
     assert len(norms) == sum(isinstance(m, ftn_peft.FTNLayer) for m in model.modules())
 
@@ -79,7 +79,7 @@ def test_pruning_removes_exactly_the_intended_components():
             continue
         assert layer.r["small"] == len(kept)
         rows = [f[kept] for f in layer.factors("default")]
-        expected = FF.delta_weight("conv", rows, layer.base_layer.weight.shape, layer.scaling["default"])
+        expected = FF.delta_weight("conv", rows, layer.base_layer.weight.shape, 8.0 / 4)  # alpha / r of the source
         torch.testing.assert_close(layer.get_delta_weight("small"), expected)
     reports = ftn_peft.parameter_report(model)
     norms = analysis.layer_norms(model, "default")
@@ -96,12 +96,20 @@ def test_threshold_drops_weak_layers_and_budget_keeps_strongest_components():
     budget = sum(v.params_per_component for v in norms.values())  # room for about a third of all components
     plan = analysis.plan_pruning(norms, budget=budget)
     assert analysis.factor_parameters(plan, norms) <= budget
-    kept = [norms[n].component_norms[i] for n, k in plan.items() for i in k]
-    dropped = [c for n, v in norms.items() for i, c in enumerate(v.component_norms) if i not in plan[n]]
-    strongest_dropped = max(dropped)
-    cheapest = min(v.params_per_component for v in norms.values())
-    # greedy by norm: a dropped component stronger than a kept one can only be one that no longer fit
-    assert max(kept) >= strongest_dropped or budget - analysis.factor_parameters(plan, norms) < cheapest
+    components = [(c, n, i) for n, v in norms.items() for i, c in enumerate(v.component_norms)]
+    kept = [(c, n) for c, n, i in components if i in plan[n]]
+    dropped = [(c, n) for c, n, i in components if i not in plan[n]]
+    assert kept and dropped
+    # Greedy by norm: a component is dropped only if it did not fit beside the stronger ones kept before it.
+    for c, n in dropped:
+        stronger = sum(norms[m].params_per_component for ck, m in kept if ck > c)
+        assert stronger + norms[n].params_per_component > budget, (c, n)
+    # With equal costs, that means every kept component is at least as strong as every dropped one.
+    one = {n: analysis.LayerNorms(n, "conv", 1.0, v.component_norms, 10) for n, v in norms.items()}
+    plan = analysis.plan_pruning(one, budget=10 * 5)
+    kept = [c for n, v in one.items() for i, c in enumerate(v.component_norms) if i in plan[n]]
+    dropped = [c for n, v in one.items() for i, c in enumerate(v.component_norms) if i not in plan[n]]
+    assert len(kept) == 5 and min(kept) >= max(dropped)
     with pytest.raises(ValueError, match="exactly one"):
         analysis.plan_pruning(norms)
     with pytest.raises(ValueError, match="keeps no layer"):

@@ -27,6 +27,7 @@ CASES = {
     "conv1x1_groups_padding": (lambda: nn.Conv2d(6, 8, 1, stride=2, padding=1, dilation=2, groups=2), (2, 6, 8, 8), {}),
     "conv1d_pointwise": (lambda: nn.Conv1d(6, 8, 1), (2, 6, 11), {}),
     "conv1d": (lambda: nn.Conv1d(6, 8, 3, stride=2, padding=1), (2, 6, 11), {}),
+    "conv_two_taps": (lambda: nn.Conv2d(6, 8, (2, 1), padding=(1, 0)), (2, 6, 7, 7), {}),  # k = 2: not the 1×1 fold
     "linear_qkv": (lambda: nn.Linear(12, 16), (2, 5, 12), {"num_heads": 4}),
     "linear_out": (lambda: nn.Linear(16, 12), (2, 5, 16), {"num_heads": 4, "style": "out"}),
     "linear_matrix": (lambda: nn.Linear(12, 10), (2, 5, 12), {}),
@@ -35,7 +36,10 @@ CASES = {
 }
 WRAPPERS = {nn.Conv2d: Conv, nn.Conv1d: Conv, nn.Linear: Linear, Conv1D: TransformersConv1D}
 
-def _make(case: str, r: int = 3, alpha=6.0):
+R, ALPHA = 3, 6.0
+
+
+def _make(case: str, r: int = R, alpha=ALPHA):
     factory, shape, kwargs = CASES[case]
     torch.manual_seed(0)
     base = factory()
@@ -43,12 +47,13 @@ def _make(case: str, r: int = 3, alpha=6.0):
     layer = WRAPPERS[type(base)](base, ADAPTER, r=r, alpha=alpha, init_weights="gaussian", init_std=0.3, **kwargs)
     return layer, torch.randn(shape)
 
-def _reference_delta(layer) -> torch.Tensor:
-    """ΔW in the base weight's layout, summed one rank-1 component at a time."""
-    kind, scale = layer.kind[ADAPTER], layer.scaling[ADAPTER]
+def _reference_delta(layer, r: int = R, alpha: float = ALPHA) -> torch.Tensor:
+    """ΔW in the base weight's layout, summed one rank-1 component at a time; scaled by the `alpha / r` it was built with."""
+    kind, scale = layer.kind[ADAPTER], alpha / r
     factors = [f.detach() for f in layer.factors(ADAPTER)]
+    assert all(f.shape[0] == r for f in factors)
     terms = []
-    for q in range(layer.r[ADAPTER]):
+    for q in range(r):
         if kind == "conv":  # (k, Cin/g, Cout) -> (Cout, Cin/g, k)
             a, b, c = (f[q] for f in factors)
             terms.append(c[:, None, None] * b[None, :, None] * a[None, None, :])

@@ -52,11 +52,11 @@ CASES = {
 }
 
 
-def reference_delta(layer: FTNLayer, adapter: str = "default") -> torch.Tensor:
-    """ΔW in the base layer's own layout, built independently of ftn_peft.functional."""
+def reference_delta(layer: FTNLayer, config: FTNConfig, adapter: str = "default") -> torch.Tensor:
+    """ΔW in the base layer's own layout, built independently of ftn_peft.functional (scale alpha / r from `config`)."""
     kind = layer.kind[adapter]
     factors = [f.detach().t() for f in layer.factors(adapter)]  # tensorly wants (dim, r)
-    tensor = tl.cp_to_tensor((torch.ones(factors[0].shape[1]), factors)) * layer.scaling[adapter]
+    tensor = tl.cp_to_tensor((torch.ones(config.r), factors)) * (config.alpha / config.r)
     base = layer.get_base_layer()
     if kind == "conv":  # (k², Cin/g, Cout) -> (Cout, Cin/g, *kernel)
         delta = tensor.permute(2, 1, 0).reshape(base.weight.shape)
@@ -96,7 +96,8 @@ def make(case: str, compute: str = "auto", r: int = 3):
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_equals_dense_reference(case, compute, grad):
     model, layer, x = make(case, compute)
-    expected = dense_forward(layer.get_base_layer(), x, layer.get_base_layer().weight + reference_delta(layer))
+    delta = reference_delta(layer, model.peft_config["default"])
+    expected = dense_forward(layer.get_base_layer(), x, layer.get_base_layer().weight + delta)
     with torch.set_grad_enabled(grad):
         out = model(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -108,7 +109,8 @@ def test_merged_weight_minus_base_is_the_cp_tensor(case):
     base_weight = layer.get_base_layer().weight.detach().clone()
     unmerged = model(x).detach()
     model.merge_adapter()
-    torch.testing.assert_close(layer.get_base_layer().weight - base_weight, reference_delta(layer), rtol=1e-5, atol=1e-6)
+    expected = reference_delta(layer, model.peft_config["default"])
+    torch.testing.assert_close(layer.get_base_layer().weight - base_weight, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model(x), unmerged, rtol=1e-4, atol=1e-5)
     model.unmerge_adapter()
     torch.testing.assert_close(layer.get_base_layer().weight, base_weight, rtol=0, atol=1e-6)
@@ -189,7 +191,8 @@ def test_auto_heads_clip_and_explicit_override():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_autocast_and_low_precision(dtype):
     model, layer, x = make("conv2d_3x3", "factorized")
-    expected = dense_forward(layer.get_base_layer(), x, layer.get_base_layer().weight + reference_delta(layer))
+    delta = reference_delta(layer, model.peft_config["default"])
+    expected = dense_forward(layer.get_base_layer(), x, layer.get_base_layer().weight + delta)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = model(x)
     tol = 5e-2 if dtype == torch.bfloat16 else 1e-5
