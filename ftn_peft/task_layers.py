@@ -114,7 +114,9 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
         """What PEFT puts back in the model on `merge_and_unload()` / `unload()`."""
         if merge:
             self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        chosen = self.merged_adapters[-1] if (merge and self.merged_adapters) else None
+        # As with LoRA, whose unload() keeps a merged delta in the base weight, a merged task module stays: otherwise
+        # merge_adapter() + unload() would pair merged factor weights with the base BatchNorm and head.
+        chosen = self.merged_adapters[-1] if self.merged_adapters else None
         if not chosen:
             return self.base_layer
         unloaded = copy.deepcopy(self._module_for(chosen))
