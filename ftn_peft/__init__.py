@@ -4,8 +4,7 @@ Importing the package registers the method "FTN" in PEFT, so `get_peft_model`, `
 `PeftModel.from_pretrained` and the `AutoPeftModel*` classes handle FTN adapters like built-in ones.
 """
 
-from peft import mapping as _mapping
-
+from . import compat as _compat
 from . import loading as _loading
 from . import saving as _saving
 from .config import FTNConfig
@@ -20,11 +19,12 @@ __version__ = "0.1.0"
 def _register() -> None:
     # PEFT's register_peft_method only accepts members of its own PeftType enum, so the tables are filled directly,
     # exactly as register_peft_method would fill them (see peft_type.py for why a str-enum member works).
-    if FTN_PEFT_TYPE in _mapping.PEFT_TYPE_TO_TUNER_MAPPING:
+    if FTN_PEFT_TYPE in _compat.PEFT_TYPE_TO_TUNER_MAPPING:
         return
-    _mapping.PEFT_TYPE_TO_CONFIG_MAPPING[FTN_PEFT_TYPE] = FTNConfig
-    _mapping.PEFT_TYPE_TO_TUNER_MAPPING[FTN_PEFT_TYPE] = FTNModel
-    _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[FTN_PEFT_TYPE] = PREFIX
+    _compat.PEFT_TYPE_TO_CONFIG_MAPPING[FTN_PEFT_TYPE] = FTNConfig
+    _compat.PEFT_TYPE_TO_TUNER_MAPPING[FTN_PEFT_TYPE] = FTNModel
+    _compat.PEFT_TYPE_TO_PREFIX_MAPPING[FTN_PEFT_TYPE] = PREFIX
+    _compat.install()
     _saving.install()
     _loading.install()
 

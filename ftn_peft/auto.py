@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
 from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .compat import BaseTunerLayer
 from .config import DEFAULT_OUTPUT_PROJECTIONS, FTNConfig
 
 TARGET_CHOICES = ("convs", "qv", "qkv", "o", "attention", "mlp", "all")

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from huggingface_hub import HfApi, ModelCard
-from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
+from .compat import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from .saving import FTN_TAGS, is_leftover
 
 __all__ = ["adapter_dirs", "model_card", "push_to_hub"]

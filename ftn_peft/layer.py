@@ -13,10 +13,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from peft.tuners.tuners_utils import check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
 from . import functional as FF
+from .compat import check_adapters_to_merge
 from .compute_path import (  # noqa: F401  (re-exported: the cost model used to live here)
     ComputePathMixin,
     conv_extra_macs,

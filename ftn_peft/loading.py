@@ -38,14 +38,19 @@ from enum import Enum
 
 import torch
 from peft import PeftConfig, PeftModel, peft_model
-from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
-from peft.tuners.tuners_utils import delete_adapter as delete_layers
-from peft.utils import save_and_load
-from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
+from .compat import (
+    CONFIG_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    AuxiliaryTrainingWrapper,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+    delete_layers,
+    save_and_load,
+)
 from .layer import FTNTunerLayer
 from .peft_type import FTN_PEFT_TYPE, PREFIX
 
@@ -301,7 +306,7 @@ def _checked_from_json_file(original):
 
 
 def _check_peft_type(path, peft_type) -> None:
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from .compat import PEFT_TYPE_TO_CONFIG_MAPPING
 
     if isinstance(peft_type, str) and peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
@@ -465,7 +470,7 @@ def _weights_file(model_id, subfolder=None) -> str:
 
 
 def _check_task_type(model, config_file) -> None:
-    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+    from .compat import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
     task_type = PeftConfig.from_json_file(config_file).get("task_type")
     if task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING and getattr(model, "config", None) is None:

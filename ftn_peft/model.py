@@ -9,9 +9,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils import AuxiliaryTrainingWrapper
-from peft.utils.other import get_pattern_key
+from .compat import AuxiliaryTrainingWrapper, BaseTuner, BaseTunerLayer, check_target_module_exists, get_pattern_key
 
 from .config import FTNConfig
 from .layer import LAYER_CLASSES, FTNLayer

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .compat import BaseTunerLayer
 
 BASE_ADAPTER = "__base__"  # the name that selects the frozen base model in a mixed batch
 

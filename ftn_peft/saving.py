@@ -37,8 +37,7 @@ from typing import Callable, Optional
 
 from huggingface_hub import ModelCard
 from peft import PeftModel
-from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-
+from .compat import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from .loading import CorruptAdapterFileError, seal  # noqa: F401  (CorruptAdapterFileError: re-exported)
 from .peft_type import FTN_PEFT_TYPE
 

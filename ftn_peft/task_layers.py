@@ -15,8 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import check_adapters_to_merge
-
+from .compat import check_adapters_to_merge
 from .layer import adapter_compute_dtype
 from .routing import FTNTunerLayer, check_batch, route_per_sample
 
