@@ -27,11 +27,20 @@ PAIRS = {
 }
 
 
+# tests/test_peft_generic.py is PEFT 0.21.2's own tuner battery, vendored: it imports configs and helpers that
+# older PEFT releases do not have, so it runs only where PEFT is 0.21.
+VENDORED_FOR_PEFT_021 = "--ignore=tests/test_peft_generic.py"
+
+
 def _tests(session: nox.Session, pins: tuple[str, ...]) -> None:
     session.install(*TORCH)
     session.install("-e", ".[train,test]", *pins)
     session.run("python", "-c", "import peft, transformers; print('peft', peft.__version__, 'transformers', transformers.__version__)")
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *(session.posargs or ["-n", "2"]))
+    skip = [] if "peft==0.21.2" in pins else [VENDORED_FOR_PEFT_021]
+    if "peft==0.18.0" in pins:
+        # PeftModel.add_adapter(autocast_adapter_dtype=...) arrived in PEFT 0.19; this test calls it.
+        skip.append("--deselect=tests/test_dtype.py::test_parameter_dtypes")
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *skip, *(session.posargs or ["-n", "2"]))
 
 
 for _name, _pins in PAIRS.items():
