@@ -23,6 +23,11 @@ def conv_positions(x: Optional[torch.Tensor], base: nn.Module) -> float:
     return math.inf if x is None else x.numel() / (base.in_channels * math.prod(base.stride))
 
 
+def conv_transpose_positions(x: Optional[torch.Tensor], base: nn.Module) -> float:
+    """Batch × output pixels of a transposed conv: the input's pixels times the stride (padding ignored)."""
+    return math.inf if x is None else x.numel() * math.prod(base.stride) / base.in_channels
+
+
 def linear_extra_macs(r: int, dims: tuple[int, ...], weight_shape: tuple[int, ...]) -> tuple[float, float]:
     """(factorized MACs per output position, ΔW size): what the two paths cost beyond the base op."""
     return float(r * sum(dims)), float(math.prod(weight_shape))
@@ -38,6 +43,15 @@ def conv_extra_macs(r: int, dims: tuple[int, ...], base: nn.Module) -> tuple[flo
     else:  # per output position: 1x1 down at input resolution, depthwise k on g·r channels, 1x1 up, the add
         factorized = r * (cin_g * g * math.prod(base.stride) + g * k + cout) + cout
     return float(factorized), float(k * cin_g * cout)
+
+
+def conv_transpose_extra_macs(r: int, dims: tuple[int, ...], base: nn.Module) -> tuple[float, float]:
+    k, cin, cout_g = dims
+    g, stride = base.groups, math.prod(base.stride)
+    # Per output position: the 1x1 down-projection and the depthwise scatter run at input resolution (1/stride of
+    # the output positions), the 1x1 up-projection and the add at output resolution.
+    factorized = r * (cin + g * k) / stride + r * cout_g * g + cout_g * g
+    return float(factorized), float(k * cin * cout_g)
 
 
 def factorized_cost_ratio(per_position: float, size: float, positions: float, r: int, needs_grad: bool) -> float:

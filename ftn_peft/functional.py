@@ -20,20 +20,22 @@ import torch.nn.functional as F
 
 # The layouts a factor triple can take; see the table in docs/design.md.
 CONV = "conv"  # (k², Cin/g, Cout) -> weight (Cout, Cin/g, *kernel)
+CONV_T = "conv_transpose"  # (k², Cin, Cout/g) -> ConvTranspose weight (Cin, Cout/g, *kernel)
 QKV = "qkv"  # (d_model, d, n) -> Linear weight (n·d, d_model), feature h·d + j
 OUT = "out"  # (d_model, d, n) -> Linear weight (d_model, n·d)
 MATRIX = "matrix"  # (in, out) -> Linear weight (out, in)
-KINDS = (CONV, QKV, OUT, MATRIX)
+KINDS = (CONV, CONV_T, QKV, OUT, MATRIX)
 
 
 def factor_dims(kind: str, weight_shape: tuple[int, ...], num_heads: Optional[int] = None) -> tuple[int, ...]:
-    """Lengths of the factor vectors for a torch weight of ``weight_shape`` (nn.Conv / nn.Linear layout)."""
-    if kind == CONV:
-        cout, cin_g = weight_shape[:2]
+    """Lengths of the factor vectors for a torch weight of ``weight_shape`` (the base layer's own layout)."""
+    if kind in (CONV, CONV_T):
         k = 1
         for s in weight_shape[2:]:
             k *= s
-        return (k, cin_g, cout)
+        # conv: (Cout, Cin/g, *k) -> (k², Cin/g, Cout); transposed: (Cin, Cout/g, *k) -> (k², Cin, Cout/g)
+        first, second = weight_shape[:2]
+        return (k, second, first) if kind == CONV else (k, first, second)
     out_f, in_f = weight_shape
     if kind == MATRIX:
         return (in_f, out_f)
@@ -47,10 +49,13 @@ def factor_dims(kind: str, weight_shape: tuple[int, ...], num_heads: Optional[in
 
 
 def delta_weight(kind: str, factors: list[torch.Tensor], weight_shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
-    """``ΔW`` in the torch layout of the base weight (nn.Conv / nn.Linear), built with one einsum."""
+    """``ΔW`` in the torch layout of the base weight (nn.Conv / nn.ConvTranspose / nn.Linear), one einsum."""
     if kind == CONV:
         a, b, c = factors  # (r, k²), (r, Cin/g), (r, Cout)
         delta = torch.einsum("rk,ri,ro->oik", a, b, c).reshape(weight_shape)
+    elif kind == CONV_T:
+        a, b, c = factors  # (r, k²), (r, Cin), (r, Cout/g)
+        delta = torch.einsum("rk,ri,ro->iok", a, b, c).reshape(weight_shape)
     elif kind == QKV:
         a, b, c = factors  # (r, d_model), (r, d), (r, n)
         delta = torch.einsum("ri,rj,rh->hji", a, b, c).reshape(weight_shape)
@@ -125,6 +130,42 @@ def conv_delta(
     spatial = _per_group(a, groups).reshape(groups * r, 1, *kernel_size)
     z = conv(x, down, groups=groups)  # (B, g·r, *L)
     z = conv(z, spatial, stride=stride, padding=padding, dilation=dilation, groups=groups * r)  # (B, g·r, *L')
+    return conv(z, up, groups=groups)  # (B, Cout, *L')
+
+
+def conv_transpose_delta(
+    x: torch.Tensor,
+    factors: list[torch.Tensor],
+    kernel_size: tuple[int, ...],
+    stride,
+    padding,
+    output_padding,
+    dilation,
+    groups: int,
+    scale: float,
+) -> torch.Tensor:
+    """``conv_transpose(x, ΔW)`` as three small ops, for 1-d and 2-d transposed convs.
+
+    ``ΔW[i, o, k] = Σ a[k] b[i] c[o]`` factors through r channels per group: a grouped 1×1 projection Cin -> g·r
+    with b, a depthwise *transposed* conv of those g·r channels with a (the layer's stride, padding,
+    output_padding and dilation: the output size and the scatter pattern are those of the base op), and a grouped
+    1×1 projection g·r -> Cout with c, shared by the groups. Equal to the dense op up to rounding.
+    """
+    a, b, c = factors  # (r, k²), (r, Cin), (r, Cout/g)
+    r = a.shape[0]
+    two_d = len(kernel_size) == 2
+    conv, conv_t = (F.conv2d, F.conv_transpose2d) if two_d else (F.conv1d, F.conv_transpose1d)
+    ones = (1,) * len(kernel_size)
+    if scale != 1.0:
+        a = a * scale
+    # Group G's rows of the down-projection are b restricted to G's Cin/g input channels.
+    down = b.reshape(r, groups, -1).transpose(0, 1).reshape(groups * r, -1, *ones)
+    spatial = _per_group(a, groups).reshape(groups * r, 1, *kernel_size)
+    up = _per_group(c.t(), groups).reshape(groups * c.shape[1], r, *ones)
+    z = conv(x, down, groups=groups)  # (B, g·r, *L)
+    z = conv_t(
+        z, spatial, stride=stride, padding=padding, output_padding=output_padding, dilation=dilation, groups=groups * r
+    )  # (B, g·r, *L')
     return conv(z, up, groups=groups)  # (B, Cout, *L')
 
 

@@ -21,6 +21,8 @@ from .compute_path import (  # noqa: F401  (re-exported: the cost model used to 
     ComputePathMixin,
     conv_extra_macs,
     conv_positions,
+    conv_transpose_extra_macs,
+    conv_transpose_positions,
     factorized_cost_ratio,
 )
 from .routing import BASE_ADAPTER, FTNTunerLayer  # noqa: F401  (re-exported for `from ftn_peft.layer import ...`)
@@ -170,12 +172,15 @@ class FTNLayer(nn.Module, ComputePathMixin, FTNTunerLayer):
                 self.get_base_layer().weight.data -= self.get_delta_weight(name)
 
     # --- forward ---------------------------------------------------------------------------------
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.get_base_layer()(x)
+
     def _forward_adapters(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
         if not adapters:
-            return base(x)
+            return self._base_forward(x)
         if all(self._use_factorized(a, x) for a in adapters):
-            out = base(x)
+            out = self._base_forward(x)
             for a in adapters:
                 out = out + self._delta_activations(x, a).to(out.dtype)
             return out
@@ -243,6 +248,70 @@ class Conv(FTNLayer):
         )
 
 
+class ConvTranspose(FTNLayer):
+    """nn.ConvTranspose1d / nn.ConvTranspose2d: ΔW as k² × Cin × (Cout/g).
+
+    torch stores a transposed-conv weight as (Cin, Cout/g, *kernel): the input channels are whole and the output
+    channels are the ones split by the groups, so b runs over Cin and c over Cout/g (shared by the groups), the
+    mirror of `Conv`. Per layer r·(k² + Cin + Cout/g) parameters.
+    """
+
+    _output_padding_now: Optional[tuple[int, ...]] = None  # set while a forward with output_size= runs
+
+    def _default_kind(self, num_heads, style) -> str:
+        return FF.CONV_T
+
+    def _in_out_features(self):
+        base = self.get_base_layer()
+        return base.in_channels, base.out_channels
+
+    def _positions(self, x):
+        return conv_transpose_positions(x, self.get_base_layer())
+
+    def _extra_macs(self, adapter: str) -> tuple[float, float]:
+        return conv_transpose_extra_macs(self.r[adapter], self.factor_dims(adapter), self.get_base_layer())
+
+    def _output_padding(self) -> tuple[int, ...]:
+        return self._output_padding_now if self._output_padding_now is not None else self.get_base_layer().output_padding
+
+    def _base_forward(self, x):
+        return self._forward_with_weight(x, self.get_base_layer().weight)  # with this call's output padding
+
+    def _forward_with_weight(self, x, weight):
+        base = self.get_base_layer()
+        op = F.conv_transpose2d if isinstance(base, nn.ConvTranspose2d) else F.conv_transpose1d
+        return op(x, weight, base.bias, base.stride, base.padding, self._output_padding(), base.groups, base.dilation)
+
+    def _delta_activations(self, x, adapter):
+        base = self.get_base_layer()
+        x, factors = self._adapter_inputs(x, adapter)
+        return FF.conv_transpose_delta(
+            x,
+            factors,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            self._output_padding(),
+            base.dilation,
+            base.groups,
+            self.scaling[adapter],
+        )
+
+    def forward(self, x: torch.Tensor, output_size: Optional[list[int]] = None, *, adapter_names=None):
+        if output_size is None:
+            return super().forward(x, adapter_names=adapter_names)
+        # nn.ConvTranspose*d turns output_size into an output_padding per call; every path must use that one.
+        base = self.get_base_layer()
+        dims = len(base.kernel_size)
+        self._output_padding_now = tuple(
+            base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size, dims, base.dilation)
+        )
+        try:
+            return super().forward(x, output_size=output_size, adapter_names=adapter_names)
+        finally:
+            self._output_padding_now = None
+
+
 class Linear(FTNLayer):
     """nn.Linear: head-tensorized (query/key/value or output projection) or a plain rank-r matrix."""
 
@@ -276,6 +345,8 @@ class TransformersConv1D(Linear):
 LAYER_CLASSES: dict[type, type[FTNLayer]] = {
     nn.Conv2d: Conv,
     nn.Conv1d: Conv,
+    nn.ConvTranspose2d: ConvTranspose,
+    nn.ConvTranspose1d: ConvTranspose,
     nn.Linear: Linear,
     Conv1D: TransformersConv1D,
 }

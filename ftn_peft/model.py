@@ -159,7 +159,7 @@ class FTNModel(BaseTuner):
 
     def _resolve_heads(self, config: FTNConfig, key: str, base: nn.Module) -> tuple[Optional[int], Optional[str]]:
         """How many heads a Linear / Conv1D target splits into, and whether it is an output projection."""
-        if isinstance(base, (nn.Conv1d, nn.Conv2d)) or config.attention_heads is None:
+        if isinstance(base, nn.modules.conv._ConvNd) or config.attention_heads is None:  # convs, transposed too
             return None, None
         weight_shape = tuple(base.weight.shape)
         out_f, in_f = weight_shape if isinstance(base, nn.Linear) else weight_shape[::-1]
