@@ -205,3 +205,14 @@ def test_task_batchnorm_in_a_generator_block():
     pre = dense(up.get_base_layer(), z, up.get_base_layer().weight + reference_delta(up))
     expected = F.relu(F.batch_norm(pre, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
     torch.testing.assert_close(model(z), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compute", ["factorized", "materialized"])
+def test_bfloat16_base_model(compute):
+    model, layer, x = make("2d_groups_dilation", compute)
+    base = layer.get_base_layer()
+    expected = dense(base, x, base.weight + reference_delta(layer))
+    model.to(torch.bfloat16)
+    out = model(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=5e-2 * expected.abs().max().item())
