@@ -24,7 +24,7 @@ CONV_T = "conv_transpose"  # (k², Cin, Cout/g) -> ConvTranspose weight (Cin, Co
 QKV = "qkv"  # (d_model, d, n) -> Linear weight (n·d, d_model), feature h·d + j
 OUT = "out"  # (d_model, d, n) -> Linear weight (d_model, n·d)
 MATRIX = "matrix"  # (in, out) -> Linear weight (out, in)
-KINDS = (CONV, CONV_T, QKV, OUT, MATRIX)
+KINDS = (CONV, QKV, OUT, MATRIX, CONV_T)
 
 
 def factor_dims(kind: str, weight_shape: tuple[int, ...], num_heads: Optional[int] = None) -> tuple[int, ...]:
