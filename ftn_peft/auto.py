@@ -179,6 +179,7 @@ def auto_config(
     alpha: Optional[float] = None,
     init_weights=True,
     head: Union[bool, str] = True,
+    norms: str = "batchnorm",
     **overrides,
 ) -> FTNConfig:
     """FTN for any timm / transformers vision model, by looking at its layers.
@@ -196,6 +197,8 @@ def auto_config(
             the paper's conv / transformer choices).
         head: ``True`` finds the classifier and gives each adapter its own; a name picks it by hand; ``False``
             leaves the classifier shared and frozen.
+        norms: ``"batchnorm"`` (default) gives each adapter its own BatchNorm copies; ``"all"`` also LayerNorm and
+            GroupNorm (`FTNConfig.task_norms`).
         overrides: any other `FTNConfig` field (``compute``, ``task_batchnorm``, ``exclude_modules``, ...).
     """
     kinds = _wanted_kinds(targets)
@@ -234,5 +237,6 @@ def auto_config(
         output_projections=output_projections,
         head_module=head_module,
         head_num_outputs=num_classes,
+        task_norms=norms,
         **overrides,
     )

@@ -13,6 +13,7 @@ from .peft_type import FTN_PEFT_TYPE
 
 INIT_CHOICES = (True, False, "xavier", "gaussian")
 COMPUTE_CHOICES = ("auto", "factorized", "materialized")
+TASK_NORM_CHOICES = ("batchnorm", "all")
 DEFAULT_OUTPUT_PROJECTIONS = ["out_proj", "o_proj", "c_proj", "attn.proj", "attention.output.dense"]
 # Upper bounds that keep the first forward pass finite: ΔW is scaled by alpha / r and each of its entries is a product
 # of three factors, so in a deep network without normalisation (a ResNet in eval mode) an oversized start multiplies
@@ -70,6 +71,9 @@ class FTNConfig(PeftConfig):
             the materialized path otherwise (see docs/design.md).
         task_batchnorm (`bool`):
             Give this adapter its own copy of every BatchNorm layer, statistics included (default ``True``).
+        task_norms (`str`):
+            Which normalization layers get per-adapter copies when `task_batchnorm` is on: ``"batchnorm"`` (default,
+            as in the paper) or ``"all"``, which adds LayerNorm and GroupNorm (ViTs, ConvNeXt; timm's LayerNorm2d too).
         head_module (`str`, *optional*):
             Name (or name suffix) of the classifier to replace by a per-adapter task head, e.g. ``"fc"``. It must
             name exactly one ``nn.Linear``; when `head_num_outputs` changes its size it must be the model's output
@@ -113,6 +117,10 @@ class FTNConfig(PeftConfig):
     )
     task_batchnorm: bool = field(
         default=True, metadata={"help": "Give the adapter its own BatchNorm parameters and statistics."}
+    )
+    task_norms: str = field(
+        default="batchnorm",
+        metadata={"help": "'batchnorm' (default) or 'all': also give the adapter its own LayerNorm / GroupNorm."},
     )
     head_module: Optional[str] = field(
         default=None, metadata={"help": "Name or suffix of the classifier replaced by a per-adapter task head."}
@@ -164,6 +172,11 @@ class FTNConfig(PeftConfig):
             raise ValueError(f"compute={self.compute!r} is not one of {COMPUTE_CHOICES}")
         if not isinstance(self.task_batchnorm, bool):
             raise TypeError(f"task_batchnorm must be True or False, got {self.task_batchnorm!r}")
+        if not isinstance(self.task_norms, str) or self.task_norms not in TASK_NORM_CHOICES:
+            raise ValueError(
+                f"task_norms={self.task_norms!r} is not one of {TASK_NORM_CHOICES}: 'batchnorm' copies BatchNorm "
+                "only, 'all' also LayerNorm and GroupNorm"
+            )
         if self.head_module is not None and (not isinstance(self.head_module, str) or not self.head_module):
             raise TypeError(
                 f"head_module must be the name (or name suffix) of the classifier, e.g. 'fc', or None; got "

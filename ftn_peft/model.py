@@ -19,6 +19,14 @@ from .routing import BASE_ADAPTER, MERGED_MESSAGE, FTNTunerLayer
 from .task_layers import TaskHead, TaskNorm, _SwappedModuleLayer
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# task_norms="all": timm's LayerNorm2d and transformers' ConvNext LayerNorm subclass nn.LayerNorm.
+_ALL_NORM_TYPES = _NORM_TYPES + (nn.LayerNorm, nn.GroupNorm)
+
+
+def _task_norm_types(config: FTNConfig) -> tuple[type, ...]:
+    if not config.task_batchnorm:
+        return ()
+    return _ALL_NORM_TYPES if config.task_norms == "all" else _NORM_TYPES
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
 _NUM_HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 
@@ -64,11 +72,13 @@ class FTNModel(BaseTuner):
                 p.requires_grad_(False)
         if peft_config.head_module is not None:
             self._wrap_head(model, peft_config, adapter_name)
-        if peft_config.task_batchnorm:
+        norm_types = _task_norm_types(peft_config)
+        if norm_types:
             for name, module in list(model.named_modules()):
                 if isinstance(module, TaskNorm):
-                    module.update_layer(adapter_name, inference_mode=peft_config.inference_mode)
-                elif isinstance(module, _NORM_TYPES) and not self._inside_tuner_layer(model, name):
+                    if isinstance(module.base_layer, norm_types):
+                        module.update_layer(adapter_name, inference_mode=peft_config.inference_mode)
+                elif isinstance(module, norm_types) and not self._inside_tuner_layer(model, name):
                     self._swap(model, name, TaskNorm(module, adapter_name, inference_mode=peft_config.inference_mode))
 
     def _adapter_being_injected(self, peft_config: FTNConfig) -> str:
@@ -335,7 +345,7 @@ class FTNModel(BaseTuner):
                 matched.setdefault(name, entry)
                 for sub_name, sub in model.get_submodule(name).named_modules(prefix=name):
                     is_head = config.head_module is not None and _is_head_name(sub_name, config.head_module)
-                    is_norm = config.task_batchnorm and isinstance(sub, _NORM_TYPES)
+                    is_norm = isinstance(sub, _task_norm_types(config))
                     if is_head or is_norm or isinstance(sub, BaseTunerLayer):
                         raise ValueError(
                             f"modules_to_save entry {entry!r} covers {sub_name!r} ({type(sub).__name__}), which FTN "

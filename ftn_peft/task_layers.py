@@ -126,7 +126,8 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
 
 
 class TaskNorm(_SwappedModuleLayer):
-    """A BatchNorm layer with a private copy (affine parameters and running statistics) per adapter."""
+    """A normalization layer (BatchNorm; LayerNorm / GroupNorm with ``task_norms="all"``) with a private copy
+    (affine parameters and running statistics) per adapter."""
 
     container_name = "ftn_norm"
     adapter_layer_names = ("ftn_norm",)
@@ -135,7 +136,11 @@ class TaskNorm(_SwappedModuleLayer):
         return copy.deepcopy(self.base_layer)
 
     def _in_out_features(self) -> tuple[int, int]:
-        return self.base_layer.num_features, self.base_layer.num_features
+        base = self.base_layer
+        n = getattr(base, "num_features", None) or getattr(base, "num_channels", None)
+        if n is None:  # LayerNorm: the size of the normalized shape
+            n = int(torch.Size(base.normalized_shape).numel())
+        return n, n
 
     def __repr__(self) -> str:
         return "ftn." + super().__repr__()
