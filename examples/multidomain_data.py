@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import ftn_peft.auto
 from ftn_peft import FTNConfig, presets
 from ftn_peft.demo.digits import Domain
 
@@ -67,6 +69,10 @@ def load_backbone(args) -> tuple[nn.Module, Optional[object]]:
         from ftn_peft.demo import digits
 
         return load_demo_source(args, 0), None
+    if name.startswith(("local-dir:", "hf-hub:")):  # timm's own sources, e.g. a timm.models.save_for_hf folder
+        import timm
+
+        return timm.create_model(name, pretrained=True).eval(), None
     if os.path.isdir(name) or "/" in name:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -88,9 +94,10 @@ def load_demo_source(args, seed: int) -> nn.Module:
 
 
 def default_targets(model: nn.Module, args) -> tuple[object, str]:
-    """(target_modules, head_module): from the flags, or known layouts (timm/torchvision ResNet, HF ResNet, CLIP)."""
+    """(target_modules, head_module): from the flags, known layouts (timm/torchvision ResNet, HF ResNet, CLIP), or
+    else ftn_peft.auto_config."""
     if args.target_modules and args.head_module:
-        return args.target_modules, args.head_module
+        return parse_targets(args.target_modules), args.head_module
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if hasattr(model, "layer1") and isinstance(getattr(model, "fc", None), nn.Linear):
         found = (presets.RESNET_TARGETS, "fc")
@@ -99,11 +106,28 @@ def default_targets(model: nn.Module, args) -> tuple[object, str]:
     elif model_type == "clip":
         found = (presets.CLIP_VISION_TARGETS["o"], "classifier")
     else:
-        raise ValueError(
-            f"cannot guess FTN targets for {type(model).__name__}; pass --target_modules (a regex of layer names) "
-            "and --head_module (the classifier nn.Linear)"
-        )
-    return args.target_modules or found[0], args.head_module or found[1]
+        found = auto_targets(model)
+    return parse_targets(args.target_modules) or found[0], args.head_module or found[1]
+
+
+def auto_targets(model: nn.Module) -> tuple[list, str]:
+    """Any other timm / transformers model: ftn_peft.auto_config's attention projections (a transformer) or convs."""
+    layers = ftn_peft.auto.find_layers(model)
+    attention = any(layers.by_kind[k] for k in ("q", "k", "v", "qkv", "o"))
+    config = ftn_peft.auto_config(model, targets="attention" if attention else "convs")
+    if config.head_module is None:
+        raise ValueError(f"found no classifier nn.Linear in {type(model).__name__}; pass --head_module")
+    return sorted(config.target_modules), config.head_module
+
+
+def parse_targets(flag: Optional[str]):
+    """--target_modules: a comma list of layer names / suffixes, or one regex."""
+    if not flag:
+        return None
+    names = [n.strip() for n in flag.split(",")]
+    if len(names) > 1 and all(re.fullmatch(r"[\w.]+", n) for n in names):
+        return names
+    return flag
 
 
 def backbone_parameters(model: nn.Module, head_module: str) -> int:

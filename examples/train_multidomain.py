@@ -55,7 +55,8 @@ BASE_LR = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default="demo", help='"demo", a timm name, a HF model id or a local save_pretrained dir')
+    p.add_argument("--backbone", default="demo", help='"demo", a timm name (or timm "local-dir:<path>"), a HF model id or a '
+                   'local save_pretrained dir')
     p.add_argument("--dataset", default="demo", help='"demo", a datasets name, or a dir with one imagefolder per domain')
     p.add_argument("--domains", default=None, help="comma-separated; default: the demo's domains / every subdir")
     p.add_argument("--methods", default="ftn,finetune,feature_extractor,bn_head,lora")
@@ -69,8 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64, help="per process")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--target_modules", default=None, help="regex of FTN/LoRA targets (auto for ResNets and CLIP)")
-    p.add_argument("--head_module", default=None, help="name of the classifier Linear (auto for ResNets and CLIP)")
+    p.add_argument("--target_modules", default=None, help="FTN/LoRA targets: a comma list of layer names or a regex (default: presets for ResNets and CLIP, else "
+                   "ftn_peft.auto_config)")
+    p.add_argument("--head_module", default=None, help="name of the classifier Linear (default: found automatically)")
     p.add_argument("--image_size", type=int, default=224, help="for non-demo data without a processor")
     p.add_argument("--output_dir", default="outputs/train_multidomain", help="ignored by git")
     p.add_argument("--cache_dir", default=None, help="where the demo's source model is cached")
