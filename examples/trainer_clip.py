@@ -18,18 +18,28 @@ model's own image processor (`AutoImageProcessor`), with `--timm NAME` through t
 from __future__ import annotations
 
 import argparse
+import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers import CLIPConfig, CLIPForImageClassification, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    CLIPConfig,
+    CLIPForImageClassification,
+    Trainer,
+    TrainingArguments,
+)
 
 import ftn_peft
 from ftn_peft import optim
 from ftn_peft.demo import digits
 from ftn_peft.metrics import load_accuracy
+
+import multidomain_data as data_lib  # the training script's choice of targets (examples/ is on sys.path)
 
 
 def small_clip(num_labels: int = 10, num_channels: int = 1, image_size: int = digits.IMAGE_SIZE):
@@ -71,14 +81,24 @@ def timm_loss(outputs, labels, num_items_in_batch=None):
     return F.cross_entropy(outputs.logits, labels)
 
 
-def timm_classifier(name: str, num_classes: int = 10, pretrained: bool = True, **kwargs):
+def timm_classifier(name: str, target_modules=None, head_module=None, num_classes: int = 10, pretrained: bool = True,
+                    **kwargs):
     """A named timm model with a fresh head, FTN on its convs (all but the stem) and attention projections (a
-    ViT, Swin, ...), as `ftn_peft.auto_config` finds them; wrapped for the Trainer."""
+    ViT, Swin, ...), as `ftn_peft.auto_config` finds them, or on `target_modules` / `head_module`; wrapped for the
+    Trainer."""
     import timm
 
-    timm_model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    config = ftn_peft.auto_config(timm_model, r=1, targets=["convs", "attention"], num_classes=num_classes,
-                                  init_weights="xavier")
+    timm_model = (digits.build_source_model() if name == "demo"
+                  else timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs))
+    if target_modules or head_module:
+        targets, head = data_lib.default_targets(timm_model, argparse.Namespace(target_modules=target_modules,
+                                                                                head_module=head_module))
+        if isinstance(targets, str):  # a regex names the model's own layers; the wrapper adds a "model." prefix
+            targets = [n for n, _ in timm_model.named_modules() if re.fullmatch(targets, n)]
+        config = ftn_peft.FTNConfig(r=1, target_modules=targets, head_module=head)
+    else:
+        config = ftn_peft.auto_config(timm_model, r=1, targets=["convs", "attention"], num_classes=num_classes,
+                                      init_weights="xavier")
     return get_peft_model(TimmForTrainer(timm_model), config)
 
 
@@ -156,15 +176,19 @@ def make_trainer(model, train, val, output_dir: str, max_steps: int = 60, eval_s
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="a CLIP id or dir; default: a small random CLIP")
+    p.add_argument("--model", default=None,
+                   help="a transformers image classifier (CLIP or any other) id or dir; default: a small random CLIP")
     p.add_argument("--timm", nargs="?", const="demo", default=None,
                    help="train a timm model instead of CLIP: alone, the demo's tiny ResNet; or a timm model name")
     p.add_argument("--domain", default="rotated")
     p.add_argument("--max_steps", type=int, default=60)
     p.add_argument("--output_dir", default="outputs/trainer_clip")
     p.add_argument("--resume_from_checkpoint", default=None)
+    p.add_argument("--target_modules", default=None,
+                   help="layers to adapt: a comma list of names / suffixes, or one regex (default: found by auto_config)")
+    p.add_argument("--head_module", default=None, help="the classifier to give each adapter (default: found)")
     args = p.parse_args(argv)
-    model, input_name, preprocess = build(args.model, args.timm)
+    model, input_name, preprocess = build(args.model, args.timm, args.target_modules, args.head_module)
     model.print_trainable_parameters()
     train, val = datasets_for(args.domain, input_name=input_name, preprocess=preprocess)
     trainer = make_trainer(model, train, val, args.output_dir, max_steps=args.max_steps,
@@ -174,17 +198,35 @@ def main(argv=None) -> None:
     model.save_pretrained(f"{args.output_dir}/best_adapter")
 
 
-def build(model_name=None, timm_name=None):
-    """(FTN model, name of its input column, preprocessing or None) for the command-line choices."""
-    if timm_name == "demo":
+def build(model_name=None, timm_name=None, target_modules=None, head_module=None):
+    """(FTN model, name of its input column, preprocessing or None) for the command-line choices.
+
+    `--model` takes a CLIP (the paper's output-projection preset) or any other transformers image classifier, whose
+    targets come from `ftn_peft.auto_config` like the training script's; `--target_modules` / `--head_module` override
+    the found ones (for timm models too).
+    """
+    if timm_name == "demo" and not (target_modules or head_module):
         return ftn_timm(), "x", None
     if timm_name is not None:
-        model = timm_classifier(timm_name)
+        model = timm_classifier(timm_name, target_modules, head_module)
         return model, "x", timm_transform_for(model.base_model.model.model)
     if model_name is None:
-        return ftn_clip(), "pixel_values", None
-    base = CLIPForImageClassification.from_pretrained(model_name, num_labels=10)
-    return ftn_clip(base), "pixel_values", image_processor_for(model_name)
+        base = small_clip()
+    elif AutoConfig.from_pretrained(model_name).model_type == "clip":
+        base = CLIPForImageClassification.from_pretrained(model_name, num_labels=10)
+    else:
+        base = AutoModelForImageClassification.from_pretrained(model_name, num_labels=10, ignore_mismatched_sizes=True)
+    preprocess = None if model_name is None else image_processor_for(model_name)
+    if base.config.model_type == "clip" and not (target_modules or head_module):
+        return ftn_clip(base), "pixel_values", preprocess
+    return ftn_by_targets(base, target_modules, head_module), "pixel_values", preprocess
+
+
+def ftn_by_targets(model, target_modules=None, head_module=None, r: int = 1):
+    """The training script's choice of targets (presets for known layouts, else auto_config) with the overrides."""
+    flags = argparse.Namespace(target_modules=target_modules, head_module=head_module)
+    targets, head = data_lib.default_targets(model, flags)
+    return get_peft_model(model, ftn_peft.FTNConfig(r=r, target_modules=targets, head_module=head))
 
 
 if __name__ == "__main__":

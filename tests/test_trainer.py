@@ -139,3 +139,52 @@ def test_resuming_from_a_planted_trainer_checkpoint_runs_no_code(tmp_path, data)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert not marker.exists()
+
+
+def _adapted(model):
+    from ftn_peft.layer import FTNLayer
+
+    return sorted(n for n, m in model.named_modules() if isinstance(m, FTNLayer))
+
+
+@pytest.fixture
+def saved_vit(tmp_path):
+    """A tiny transformers ViT classifier (not CLIP) with its own image processor, saved like a Hub checkpoint."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=3)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    return str(tmp_path / "vit")
+
+
+def test_any_transformers_classifier_gets_auto_config_targets_and_trains(tmp_path, saved_vit):
+    """`--model DIR` of a ViT (no preset): attention projections found by auto_config, a 10-class head, one step."""
+    model, input_name, preprocess = tc.build(saved_vit)
+    names = _adapted(model)
+    # transformers 5 names ViT's projections q_proj / k_proj / v_proj / o_proj, 4.x query / key / value / output.dense
+    kinds = {n.split(".")[-1] for n in names}
+    assert len(names) == 8 and kinds in ({"q_proj", "k_proj", "v_proj", "o_proj"}, {"query", "key", "value", "dense"})
+    train, val = tc.datasets_for("inverted", input_name=input_name, preprocess=preprocess)
+    before = adapter_tensors(model)
+    tc.make_trainer(model, train, val, str(tmp_path / "out"), max_steps=1, eval_steps=1,
+                    per_device_train_batch_size=8).train()
+    after = adapter_tensors(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert model.base_model.model.classifier.ftn_head["default"].out_features == 10
+
+
+def test_target_and_head_overrides_are_used(saved_vit):
+    from transformers import AutoModelForImageClassification
+
+    layer_names = [n for n, _ in AutoModelForImageClassification.from_pretrained(saved_vit).named_modules()]
+    q, v = ("q_proj", "v_proj") if any(n.endswith("q_proj") for n in layer_names) else ("query", "value")
+    model, _, _ = tc.build(saved_vit, target_modules=f"{q},{v}", head_module="classifier")
+    names = _adapted(model)
+    assert len(names) == 4 and {n.split(".")[-1] for n in names} == {q, v}
+    # a regex for a timm model names its own layers; the Trainer wrapper's prefix is handled
+    timm_model, _, _ = tc.build(None, "demo", target_modules=r"layer4\.\d+\.conv\d", head_module="fc")
+    timm_names = _adapted(timm_model)
+    assert timm_names and all(".layer4." in n for n in timm_names)
