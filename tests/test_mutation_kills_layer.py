@@ -1,0 +1,189 @@
+"""Behavioural tests that kill mutants of layer.py, routing.py and compute_path.py (see docs/mutation.md).
+
+Each test checks what a user sees (outputs against a dense reference, merged weights, errors), not how it is computed.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ftn_peft.compute_path import factorized_cost_ratio
+from ftn_peft.layer import Conv, ConvTranspose, Linear
+
+ADAPTER = "default"
+
+
+def _linear(r=2, alpha=None, **kwargs):
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5).requires_grad_(False)
+    kwargs.setdefault("init_weights", "gaussian")
+    return Linear(base, ADAPTER, r=r, alpha=alpha, init_std=0.3, **kwargs)
+
+
+def _dense_matrix_delta(layer, scale):
+    a, b = (f.detach().float() for f in layer.factors(ADAPTER))
+    return scale * sum(torch.outer(b[q], a[q]) for q in range(a.shape[0]))
+
+
+def test_alpha_none_means_no_scaling_and_alpha_scales_by_alpha_over_r():
+    unscaled = _linear(r=2, alpha=None)
+    torch.testing.assert_close(unscaled.get_delta_weight(ADAPTER), _dense_matrix_delta(unscaled, 1.0))
+    scaled = _linear(r=2, alpha=6.0)
+    torch.testing.assert_close(scaled.get_delta_weight(ADAPTER), _dense_matrix_delta(scaled, 3.0))
+
+
+def test_default_init_is_a_noop_with_trainable_gradient_and_false_init_is_not():
+    layer = _linear(init_weights=True)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(layer(x), layer.get_base_layer()(x))
+    a, b = layer.factors(ADAPTER)
+    assert a.abs().sum() > 0 and b.abs().sum() == 0  # only the output-side factor is zero
+    layer(x).square().sum().backward()
+    assert b.grad.abs().sum() > 0  # ...and it still learns
+    random = _linear(init_weights=False)
+    assert all(f.abs().sum() > 0 for f in random.factors(ADAPTER))
+    assert random.get_delta_weight(ADAPTER).abs().max() > 1e-3
+
+
+def test_safe_merge_refuses_non_finite_factors_and_leaves_the_weight_alone():
+    layer = _linear()
+    before = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        layer.factors(ADAPTER)[0][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN.*default.*merging it into Linear.*not merged"):
+        layer.merge(safe_merge=True)
+    torch.testing.assert_close(layer.get_base_layer().weight, before, equal_nan=False)
+    assert not layer.merged
+
+
+def test_merge_unmerge_round_trip_and_disable_unmerges():
+    layer = _linear()
+    x = torch.randn(3, 6)
+    base_w = layer.get_base_layer().weight.detach().clone()
+    adapted = layer(x)
+    layer.merge()
+    assert layer.merged_adapters == [ADAPTER]
+    torch.testing.assert_close(layer.get_base_layer().weight, base_w + _dense_matrix_delta(layer, 1.0))
+    torch.testing.assert_close(layer(x), adapted)
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.get_base_layer().weight, base_w)
+    layer.merge()
+    layer.enable_adapters(False)  # a disabled, merged layer gives the base output (it unmerges first)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, base_w, layer.get_base_layer().bias))
+    torch.testing.assert_close(layer.get_base_layer().weight, base_w)
+
+
+def test_unsafe_merge_is_the_default_as_in_lora():
+    layer = _linear()
+    with torch.no_grad():
+        layer.factors(ADAPTER)[0][0, 0] = float("nan")
+    layer.merge()  # no finiteness check unless safe_merge=True (PEFT's default)
+    assert layer.merged_adapters == [ADAPTER]
+    assert not torch.isfinite(layer.get_base_layer().weight).all()
+
+
+def test_merging_an_adapter_this_layer_lacks_skips_it_only():
+    layer = _linear()
+    base_w = layer.get_base_layer().weight.detach().clone()
+    layer.merge(adapter_names=["absent"])
+    assert layer.merged_adapters == []
+    torch.testing.assert_close(layer.get_base_layer().weight, base_w)
+    layer.merge(adapter_names=["absent", ADAPTER])  # an adapter of other layers first: the next one still merges
+    assert layer.merged_adapters == [ADAPTER]
+    torch.testing.assert_close(layer.get_base_layer().weight, base_w + _dense_matrix_delta(layer, 1.0))
+
+
+def test_ftn_layers_print_as_ftn_modules():
+    assert repr(_linear()).startswith("ftn.Linear(")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_delta_comes_in_the_base_dtype(dtype):
+    layer = _linear()
+    layer.get_base_layer().to(dtype)
+    for f in layer.factors(ADAPTER):
+        f.data = f.data.to(dtype)
+    delta = layer.get_delta_weight(ADAPTER)
+    assert delta.dtype == dtype
+    torch.testing.assert_close(delta, _dense_matrix_delta(layer, 1.0).to(dtype))
+
+
+def test_path_choice_is_remembered_per_shape_and_forgotten_on_update():
+    layer = _linear(r=1)
+    layer.compute[ADAPTER] = "auto"
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        first = layer._use_factorized(ADAPTER, x)
+    assert first == (layer._factorized_cost_ratio(ADAPTER, x, needs_grad=False) < 1.0)
+    layer.update_layer("other", r=4, alpha=None)
+    assert len(layer._path_cache) == 0  # a new adapter (new rank) invalidates the remembered choices
+
+
+def test_cost_model_limits():
+    # unknown positions: the factorized extra cost grows without bound without gradients, is 3f/|W| with them
+    assert factorized_cost_ratio(10.0, 100.0, math.inf, 2, needs_grad=False) == math.inf
+    assert factorized_cost_ratio(10.0, 100.0, math.inf, 2, needs_grad=True) == pytest.approx(0.3)
+    # a padding mode the small ops cannot do never picks them
+    assert factorized_cost_ratio(math.inf, 100.0, 4.0, 2, needs_grad=True) == math.inf
+    # finite positions: per-position cost × positions against building W + ΔW (and, with grads, the weight grad)
+    assert factorized_cost_ratio(10.0, 100.0, 30.0, 2, needs_grad=False) == pytest.approx(10 * 30 / (3 * 100))
+    assert factorized_cost_ratio(10.0, 100.0, 30.0, 2, needs_grad=True) == pytest.approx(
+        3 * 10 * 30 / (100 * 30 + 9 * 100)
+    )
+
+
+def test_conv_with_reflect_padding_matches_dense_on_both_paths():
+    torch.manual_seed(0)
+    base = nn.Conv2d(4, 5, 3, padding=1, padding_mode="reflect").requires_grad_(False)
+    layer = Conv(base, ADAPTER, r=2, alpha=None, init_weights="gaussian", init_std=0.3)
+    x = torch.randn(2, 4, 6, 6)
+    expected = base._conv_forward(x, base.weight + layer.get_delta_weight(ADAPTER), base.bias)
+    assert (expected - base(x)).abs().max() > 1e-2
+    for mode in ("factorized", "materialized", "auto"):
+        layer.compute[ADAPTER] = mode
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    layer.compute[ADAPTER] = "auto"
+    assert not layer._use_factorized(ADAPTER, x)  # the small ops pad with zeros only
+
+
+def test_conv_transpose_output_size_matches_dense_on_both_paths():
+    torch.manual_seed(0)
+    base = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1).requires_grad_(False)
+    layer = ConvTranspose(base, ADAPTER, r=2, alpha=None, init_weights="gaussian", init_std=0.3)
+    x = torch.randn(2, 4, 5, 5)
+    weight = base.weight + layer.get_delta_weight(ADAPTER)
+    for size in ([9, 9], [10, 10]):
+        expected = nn.functional.conv_transpose2d(
+            x, weight, base.bias, 2, 1, base._output_padding(x, size, base.stride, base.padding, base.kernel_size, 2, base.dilation)
+        )
+        assert expected.shape[-2:] == tuple(size)
+        for mode in ("factorized", "materialized"):
+            layer.compute[ADAPTER] = mode
+            torch.testing.assert_close(layer(x, output_size=size), expected, rtol=1e-4, atol=1e-4)
+    assert layer(x).shape[-2:] == (9, 9)  # the per-call output padding does not stick
+
+
+def test_conv_transpose_output_size_reaches_every_path():
+    """output_size= with dilation, with adapters disabled, merged, or a mixed batch: all give that size and values."""
+    torch.manual_seed(0)
+    base = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, dilation=2).requires_grad_(False)
+    layer = ConvTranspose(base, ADAPTER, r=2, alpha=None, init_weights="gaussian", init_std=0.3)
+    x = torch.randn(2, 4, 5, 5)
+    size = [12, 12]  # reachable only with an output padding of 1 (dilation 2: 11 without)
+    pad = base._output_padding(x, size, base.stride, base.padding, base.kernel_size, 2, base.dilation)
+
+    def dense(weight):
+        return nn.functional.conv_transpose2d(x, weight, base.bias, 2, 1, pad, 1, 2)
+
+    adapted, plain = dense(base.weight + layer.get_delta_weight(ADAPTER)), dense(base.weight)
+    assert adapted.shape[-2:] == (12, 12) and (adapted - plain).abs().max() > 1e-2
+    torch.testing.assert_close(layer(x, output_size=size), adapted, rtol=1e-4, atol=1e-4)
+    mixed = layer(x, output_size=size, adapter_names=["__base__", ADAPTER])
+    torch.testing.assert_close(mixed, torch.cat([plain[:1], adapted[1:]]), rtol=1e-4, atol=1e-4)
+    layer.merge()
+    torch.testing.assert_close(layer(x, output_size=size), adapted, rtol=1e-4, atol=1e-4)
+    layer.enable_adapters(False)
+    torch.testing.assert_close(layer(x, output_size=size), plain, rtol=1e-4, atol=1e-4)
