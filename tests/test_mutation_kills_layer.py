@@ -187,3 +187,18 @@ def test_conv_transpose_output_size_reaches_every_path():
     torch.testing.assert_close(layer(x, output_size=size), adapted, rtol=1e-4, atol=1e-4)
     layer.enable_adapters(False)
     torch.testing.assert_close(layer(x, output_size=size), plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["factorized", "materialized"])
+def test_fp32_factors_on_a_bf16_base_layer_match_the_dense_reference(mode):
+    """PEFT keeps the factors in fp32 on a bf16 model: the adapter computes in fp32 and the output is bf16."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(4, 6, 3, padding=1).requires_grad_(False)
+    layer = Conv(base, ADAPTER, r=2, alpha=None, init_weights="gaussian", init_std=0.3, compute=mode)
+    x = torch.randn(2, 4, 5, 5)
+    expected = base._conv_forward(x, base.weight + layer.get_delta_weight(ADAPTER), base.bias)
+    base.to(torch.bfloat16)
+    assert layer.ftn_a[ADAPTER].dtype == torch.float32
+    out = layer(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=5e-2 * expected.abs().max().item())
