@@ -202,3 +202,14 @@ def test_fp32_factors_on_a_bf16_base_layer_match_the_dense_reference(mode):
     out = layer(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=5e-2 * expected.abs().max().item())
+
+
+def test_layer_defaults_are_a_noop_adapter_and_a_small_gaussian_spread():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).requires_grad_(False)
+    layer = Linear(base, ADAPTER, r=8, alpha=None)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), base(x))  # init_weights=True by default: ΔW = 0
+    gaussian = Linear(nn.Linear(64, 48), ADAPTER, r=8, alpha=None, init_weights="gaussian")
+    for f in gaussian.factors(ADAPTER):
+        assert 0.04 < f.std().item() < 0.06  # init_std = 0.05, as FTNConfig's default
