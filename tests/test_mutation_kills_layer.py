@@ -213,3 +213,12 @@ def test_layer_defaults_are_a_noop_adapter_and_a_small_gaussian_spread():
     gaussian = Linear(nn.Linear(64, 48), ADAPTER, r=8, alpha=None, init_weights="gaussian")
     for f in gaussian.factors(ADAPTER):
         assert 0.04 < f.std().item() < 0.06  # init_std = 0.05, as FTNConfig's default
+
+
+def test_factors_take_the_base_layer_float_dtype_and_inference_mode_freezes_them():
+    base = nn.Linear(6, 5).to(torch.bfloat16).requires_grad_(False)
+    layer = Linear(base, ADAPTER, r=2, alpha=None)
+    assert all(f.dtype == torch.bfloat16 for f in layer.factors(ADAPTER))  # as LoRA, before PEFT's autocast
+    assert all(f.requires_grad for f in layer.factors(ADAPTER))
+    frozen = Linear(nn.Linear(6, 5), ADAPTER, r=2, alpha=None, inference_mode=True)
+    assert not any(f.requires_grad for f in frozen.factors(ADAPTER))
