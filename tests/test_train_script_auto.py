@@ -31,6 +31,16 @@ def local_vit_and_domains(tmp_path):
     return tmp_path
 
 
+def _projection_names(root):
+    """(q, v) projection suffixes of the saved ViT: transformers 5 says attention.q_proj, 4.x attention.query."""
+    from transformers import ViTForImageClassification
+
+    names = [n for n, _ in ViTForImageClassification.from_pretrained(root / "backbone").named_modules()]
+    if any(n.endswith("attention.q_proj") for n in names):
+        return "attention.q_proj", "attention.v_proj"
+    return "attention.query", "attention.value"
+
+
 def _train(root, *extra, backbone=None):
     out = root / "out"
     run(["--backbone", backbone or str(root / "backbone"), "--dataset", str(root / "data"), "--image_size", "16",
@@ -45,7 +55,9 @@ def test_vit_without_preset_trains_with_auto_config_targets(local_vit_and_domain
     config, adapter_dir = _train(local_vit_and_domains)
     targets = set(config["target_modules"])
     # auto_config's "attention": query, key, value and output projections of both layers, nothing else
-    assert len(targets) == 8 and all(t.split(".")[-1] in {"q_proj", "k_proj", "v_proj", "o_proj"} for t in targets)
+    # (transformers 5: q_proj, k_proj, v_proj, o_proj; 4.x: query, key, value, output.dense)
+    kinds = {t.split(".")[-1] for t in targets}
+    assert len(targets) == 8 and kinds in ({"q_proj", "k_proj", "v_proj", "o_proj"}, {"query", "key", "value", "dense"})
     assert config["head_module"] == "classifier" and config["head_num_outputs"] == 2
 
     from peft import PeftModel
@@ -59,9 +71,9 @@ def test_vit_without_preset_trains_with_auto_config_targets(local_vit_and_domain
 
 
 def test_target_modules_and_head_flags_override_auto_config(local_vit_and_domains):
-    config, _ = _train(local_vit_and_domains, "--target_modules", "attention.q_proj,attention.v_proj",
-                       "--head_module", "classifier")
-    assert sorted(config["target_modules"]) == ["attention.q_proj", "attention.v_proj"]
+    q, v = _projection_names(local_vit_and_domains)
+    config, _ = _train(local_vit_and_domains, "--target_modules", f"{q},{v}", "--head_module", "classifier")
+    assert sorted(config["target_modules"]) == sorted([q, v])
     assert config["head_module"] == "classifier"
 
 
