@@ -283,7 +283,7 @@ def load_source_model(cache_dir=None, seed: int = 0, epochs: int = 20, lr: float
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     settings = dict(version=RECIPE_VERSION, seed=seed, epochs=epochs, lr=lr,
                     batch_size=batch_size, image_size=IMAGE_SIZE)
@@ -299,6 +299,14 @@ def load_source_model(cache_dir=None, seed: int = 0, epochs: int = 20, lr: float
     model.to(device)
     _train_source(model, source_dataset()[0], epochs, lr, batch_size, seed, device)
     model.eval()
+    save_cached(model, path, settings)
+    return model
+
+
+def save_cached(model: nn.Module, path: Path, settings: dict) -> None:
+    """Write a source model's weights (and the settings that made them) to the cache, atomically."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -309,7 +317,6 @@ def load_source_model(cache_dir=None, seed: int = 0, epochs: int = 20, lr: float
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return model
 
 
 @torch.no_grad()

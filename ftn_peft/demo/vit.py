@@ -8,9 +8,6 @@ projection (`ftn_peft.presets.clip_vision`, r = 4, Gaussian init, alpha 10 / 100
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from typing import Optional
 
 import torch
@@ -87,7 +84,7 @@ def load_source_vit(cache_dir=None, seed: int = 0, epochs: int = 20, lr: float =
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     settings = dict(model="clip_vit", version=RECIPE_VERSION, digits_version=digits.RECIPE_VERSION, seed=seed,
                     epochs=epochs, lr=lr, batch_size=batch_size, image_size=digits.IMAGE_SIZE,
@@ -103,16 +100,7 @@ def load_source_vit(cache_dir=None, seed: int = 0, epochs: int = 20, lr: float =
     model.to(device)
     digits._train_source(_Logits(model), digits.source_dataset()[0], epochs, lr, batch_size, seed, device)
     model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp, metadata={"settings": json.dumps(settings, sort_keys=True)})
-        os.replace(tmp, path)  # atomic: concurrent callers never see a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    digits.save_cached(model, path, settings)
     return model
 
 
