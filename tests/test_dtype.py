@@ -9,6 +9,7 @@ from dense merged weights.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -22,12 +23,14 @@ from ftn_peft.task_layers import TaskHead, TaskNorm
 from conftest import tiny_clip_classifier, tiny_timm_resnet
 
 HALF = [torch.bfloat16, torch.float16]
+# benchmarks/gpu_check.sh runs this file with FTN_TEST_DEVICE=cuda: the same checks on the CUDA kernels.
+DEVICE = os.environ.get("FTN_TEST_DEVICE", "cpu")
 # Relative error of a half-precision forward against the fp32 one: bf16 keeps 8 mantissa bits, fp16 11.
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def _resnet(dtype=torch.float32):
-    return tiny_timm_resnet(num_classes=10).to(dtype), ftn_peft.presets.resnet(r=2)
+    return tiny_timm_resnet(num_classes=10).to(DEVICE, dtype), ftn_peft.presets.resnet(r=2)
 
 
 def _clip(dtype=torch.float32):
@@ -40,7 +43,7 @@ def _clip(dtype=torch.float32):
         model = CLIPForImageClassification._from_config(model.config, dtype=dtype).eval()
         model.load_state_dict(tiny_clip_classifier(num_labels=10).state_dict())
     config = ftn_peft.presets.clip_vision(r=2, targets="qv", head_module="classifier")
-    return model, config
+    return model.to(DEVICE), config
 
 
 BUILDERS = {"resnet": _resnet, "clip": _clip}
@@ -51,7 +54,7 @@ def _logits(out):
 
 
 def _inputs(dtype):
-    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
 
 
 def _adapter_tensors(model):
@@ -190,7 +193,7 @@ def test_train_step(kind, dtype, autocast):
     before = {n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())}
     optimizer = torch.optim.SGD(trainable.values(), lr=0.5)
     logits = _logits(model(_inputs(dtype)))
-    loss = nn.functional.cross_entropy(logits.float(), torch.arange(4) % 10)
+    loss = nn.functional.cross_entropy(logits.float(), torch.arange(4, device=DEVICE) % 10)
     loss.backward()
     expected = torch.float32 if autocast else dtype
     for n, p in trainable.items():
