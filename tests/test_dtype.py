@@ -25,6 +25,10 @@ from conftest import tiny_clip_classifier, tiny_timm_resnet
 HALF = [torch.bfloat16, torch.float16]
 # benchmarks/gpu_check.sh runs this file with FTN_TEST_DEVICE=cuda: the same checks on the CUDA kernels.
 DEVICE = os.environ.get("FTN_TEST_DEVICE", "cpu")
+if DEVICE.startswith("cuda"):
+    # The fp32 reference must be fp32: cuDNN's default TF32 convolutions differ from it by ~3e-4 (seen on an H200).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 # Relative error of a half-precision forward against the fp32 one: bf16 keeps 8 mantissa bits, fp16 11.
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
