@@ -94,7 +94,7 @@ def model_card(directory: Union[str, Path], repo_id: str = "<repo_id>") -> Model
     lines = [_CARD_INTRO.format(base=", ".join(bases), repo_id=repo_id, subfolder_arg=subfolder)]
     if len(adapters) > 1:
         lines.append("Further domains: `model.load_adapter(repo_id, adapter_name=name, subfolder=name)`.\n")
-    lines += ["| adapter | rank | targets | factor params | BatchNorm params | head params | head outputs |",
+    lines += ["| adapter | rank | targets | factor params | task norm params | head params | head outputs |",
               "|---|---:|---|---:|---:|---:|---:|"]
     for name, folder in adapters.items():
         c, n = configs[name], _counts(folder)
