@@ -69,7 +69,8 @@ DEMO = Recipe(
         "methods": Value("ftn,finetune,feature_extractor,bn_head,lora",
                          "Table 1's baselines (Fine-Tuning, Feature-Extractor, FC and BN only) and Table 3's LoRA"),
         "ranks": Value("1,8", NOT_IN_PAPER + "two ranks that fit the demo's minutes; A.1 uses 1 to 50"),
-        "ftn_targets": Value("", NOT_IN_PAPER + "empty: the backbone's preset targets (every conv but the stem)"),
+        "ftn_targets": Value("", "§4.1.1: rank 1 costs 49,204 (ResNet-50) and 16,291 (ResNet-34) parameters per task, "
+                                 "the count of every conv of the residual stages: the preset's targets (empty value)"),
         "ftn_init": _FTN_INIT,
         "ftn_alpha": Value("none", "§3: conv factors are not scaled (alpha appears only in §4.1.2, for CLIP)"),
         "ftn_init_std": Value(0.05, "§3 Initialization (transformers): Gaussian factors with σ = 0.05"),

@@ -10,6 +10,12 @@ source model (pretrained with that seed), so the spread covers the pretrained ba
     accelerate launch examples/train_multidomain.py                        # one or many GPUs
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train_multidomain.py  # 2 CPU procs
     python examples/train_multidomain.py --backbone resnet50 --dataset /data/domains --domains sketch,clipart
+    accelerate launch examples/train_multidomain.py --recipe paper-resnet --dataset /data/domains --ranks 1,10,50
+    python examples/train_multidomain.py --recipe paper-clip --print_config   # each value and its source
+
+Recipes (examples/recipes.py) set the paper's hyperparameters; a flag typed explicitly overrides the recipe. One
+progress bar on a terminal, one line per finished job always; per-epoch metrics go to <output_dir>/epochs.jsonl
+and, with --with_tracking, to TensorBoard. Flags, checkpoints and resuming: docs/training.md.
 
 The FTN adapters of every domain are saved in one directory per rank and seed (`<output_dir>/ftn_r1/seed0`);
 load them with `PeftModel.from_pretrained(backbone, "<dir>/<domain>", adapter_name=<domain>)` and `load_adapter`.
@@ -160,6 +166,8 @@ def parse_args(argv=None):
         args.config_sources["seeds"] = "given (--seed)"
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(args.methods) - set(baselines.METHODS))
+    if not args.methods:
+        p.error(f"--methods is empty; choose from {list(baselines.METHODS)}")
     if unknown:
         p.error(f"--methods has unknown {unknown}; choose from {list(baselines.METHODS)}")
     args.ranks = _ints("ranks", args.ranks, p)
@@ -174,6 +182,10 @@ def parse_args(argv=None):
     for flag in ("epochs", "batch_size", "max_train_steps", "gradient_accumulation_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("factor_lr", "head_lr", "weight_decay", "momentum"):
+        value = given[flag]
+        if value is not None and (value < 0 or flag.endswith("lr") and value == 0):
+            p.error(f"--{flag} must be {'> 0' if flag.endswith('lr') else '>= 0'}, got {value:g}")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             p.error(f'--checkpointing_steps {args.checkpointing_steps!r}: expected a number of steps >= 1 or "epoch"')
@@ -335,6 +347,8 @@ def train_job(accelerator, args, job, model, domain, state, progress) -> tuple[d
         step = resume["step"]
     val, val_step = None, None
     for epoch in range(step // per_epoch, epochs):
+        if step >= total_steps:  # resumed from a checkpoint at the last step
+            break
         model.train()
         loader = accelerator.prepare_data_loader(
             epoch_loader(domain.train, args.batch_size, job["seed"], epoch, args.num_workers))
@@ -355,8 +369,7 @@ def train_job(accelerator, args, job, model, domain, state, progress) -> tuple[d
                 step += 1
                 state["global_step"] += 1
                 progress.step(step, total_steps)
-                if args.checkpointing_steps != "epoch":
-                    maybe_checkpoint(accelerator, args, job, model, optimizer, scheduler, step, state)
+                maybe_checkpoint(accelerator, args, job, model, optimizer, scheduler, step, state)
                 if step >= total_steps:
                     break
         val, val_step = accuracy(accelerator, model, domain.val, 256, args.num_workers), step
@@ -364,8 +377,7 @@ def train_job(accelerator, args, job, model, domain, state, progress) -> tuple[d
         metrics = {"epoch": epoch, "step": step, "train_loss": total / max(count, 1),
                    "train_acc": correct / max(seen, 1), "val_acc": val, "lr": scheduler.get_last_lr()[0]}
         log_epoch(accelerator, args, job, metrics)
-        if args.checkpointing_steps == "epoch":
-            maybe_checkpoint(accelerator, args, job, model, optimizer, scheduler, step, state)
+        maybe_checkpoint(accelerator, args, job, model, optimizer, scheduler, step, state, epoch_end=True)
     if val_step != step:  # resumed after the last step, before the last evaluation
         val = accuracy(accelerator, model, domain.val, 256, args.num_workers)
     test = accuracy(accelerator, model, domain.test, 256, args.num_workers)
@@ -385,9 +397,10 @@ def log_epoch(accelerator, args, job, metrics: dict) -> None:
             f.write(json.dumps({"key": job["key"], **metrics}) + "\n")
 
 
-def maybe_checkpoint(accelerator, args, job, model, optimizer, scheduler, step, state) -> None:
+def maybe_checkpoint(accelerator, args, job, model, optimizer, scheduler, step, state, epoch_end=False) -> None:
+    """Called after every optimizer step and at the end of every epoch (after its evaluation)."""
     every = args.checkpointing_steps
-    if every == "epoch" or (every and state["global_step"] % every == 0):
+    if every == "epoch" and epoch_end or isinstance(every, int) and not epoch_end and state["global_step"] % every == 0:
         ckpt = {"job": job["key"], "step": step, "global_step": state["global_step"], "rng": rng_state(),
                 "model": trainable_state(accelerator.unwrap_model(model)),
                 "optimizer": optimizer.optimizer.state_dict(), "scheduler": scheduler.state_dict()}

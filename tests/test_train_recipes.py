@@ -107,6 +107,9 @@ def test_print_config_marks_given_and_recipe_values(capsys):
     (["--ftn_alpha", "big"], "--ftn_alpha 'big'"),
     (["--ftn_targets", "queries"], "--ftn_targets has unknown ['queries']"),
     (["--ranks", "1,two"], "--ranks '1,two'"),
+    (["--factor_lr", "0"], "--factor_lr must be > 0, got 0"),
+    (["--momentum", "-0.5"], "--momentum must be >= 0, got -0.5"),
+    (["--methods", ","], "--methods is empty"),
     (["--methods", "bn_head", "--push_to_hub"], "--push_to_hub uploads FTN adapters"),
 ])
 def test_bad_flags_name_the_problem(argv, message, capsys):
@@ -205,3 +208,10 @@ def test_progress_bar_on_a_terminal_keeps_the_job_lines_whole(capsys):
     assert out.getvalue().splitlines()[0].startswith("[1/2] bn_head × a × seed 0, lr ×0.5: val 1.0 %")
     bar = capsys.readouterr().err
     assert "job 1/2: bn_head × a × seed 0" in bar and "1/2" in bar
+
+
+@pytest.mark.parametrize("name", ["paper-resnet", "paper-domainnet", "paper-clip"])
+def test_docs_show_each_recipe_as_print_config_prints_it(name, capsys):
+    tm.main(["--recipe", name, "--print_config"])
+    printed = capsys.readouterr().out
+    assert f"```text\n{printed}```" in (ROOT / "docs" / "training.md").read_text()

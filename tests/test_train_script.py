@@ -1,8 +1,11 @@
 """examples/train_multidomain.py end to end: two Accelerate processes agree, a killed run resumes exactly."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,21 +57,73 @@ def test_two_processes_end_with_the_same_adapter(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_where_it_stopped(tmp_path):
-    common = [*TINY, "--seeds", "0,1", "--checkpointing_steps", "3"]
+def test_run_killed_with_sigkill_mid_epoch_resumes_to_bit_identical_adapters(tmp_path):
+    common = [*TINY, "--seeds", "0,1", "--epochs", "2", "--checkpointing_steps", "4"]
     run([*common, "--output_dir", str(tmp_path / "full")], tmp_path / "cache")
+    # 11 steps an epoch, 22 a job; checkpoints every 4 steps of the run: in the second job (seed 1) at its steps
+    # 2, 6, 10, 14 and 18, all inside an epoch. SIGKILL as soon as one of them is on disk.
     killed = tmp_path / "killed"
-    # 15 steps per job: the run dies in the second job (seed 1) after step 20, its last checkpoint at step 18
-    run([*common, "--output_dir", str(killed), "--stop_after_steps", "20"], tmp_path / "cache", expect=3)
-    assert (killed / "checkpoint.json").exists() and not (killed / "ftn_r1" / "seed1").exists()
-    assert not list(killed.glob("*.pt")) and len(list(killed.glob("checkpoint-*.safetensors"))) == 1
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--cache_dir", str(tmp_path / "cache"), *common,
+                             "--output_dir", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pointer, deadline = killed / "checkpoint.json", time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if pointer.exists() and "seed1" in pointer.read_text():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    import safe_checkpoint
+
+    state = safe_checkpoint.load_checkpoint(pointer)
+    assert state["job"] == "ftn_r1/seed1/inverted/lr1" and state["step"] % 11 != 0  # mid-epoch
+    assert not (killed / "ftn_r1" / "seed1").exists() and len(list(killed.glob("checkpoint-*.safetensors"))) <= 2
     log = run([*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"], tmp_path / "cache")
-    assert "ftn_r1/seed0/inverted/lr1 epoch" not in log  # the finished job is not trained again
+    assert "ftn_r1 × inverted × seed 0, lr ×1: done before this run" in log  # not trained again
+    steps = [json.loads(line) for line in (killed / "results.jsonl").read_text().splitlines()]
+    assert [r["optimizer_steps"] for r in steps] == [22, 22]
     for seed in (0, 1):
         full, resumed = adapter(tmp_path / "full", seed), adapter(killed, seed)
         assert full.keys() == resumed.keys()
-        for k in full:
-            torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(resumed[k], full[k]) for k in full), seed  # bit-identical
+
+
+@pytest.mark.slow
+def test_tracking_progress_max_steps_and_hub_dry_run_offline(tmp_path):
+    """One run checks what users of accelerate's example scripts expect: TensorBoard event files written offline,
+    --max_train_steps over --epochs, evaluation every epoch, --push_to_hub (staged locally), and plain progress
+    lines when the output is not a terminal."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    log = run([*TINY, "--seeds", "0", "--lr_grid", "1,2", "--max_train_steps", "14", "--with_tracking",
+               "--checkpointing_steps", "epoch",
+               "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "me/digits-ftn", "--hub_dry_run"],
+              tmp_path / "cache")
+    # progress: one plain line per job (2 lrs), no bar redraws in a file
+    jobs = [line for line in log.splitlines() if line.startswith("[")]
+    assert len(jobs) == 2 and jobs[1].startswith("[2/2] ftn_r1 × inverted × seed 0, lr ×2: val ")
+    assert "\r" not in log and "\x1b" not in log and "epoch" not in log
+    # --max_train_steps 14 beats --epochs 1 (11 steps): two epochs, each evaluated, cosine ends at 0
+    epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["step"]) for e in epochs] == [(0, 11), (1, 14)] * 2 and epochs[1]["lr"] == 0.0
+    import safe_checkpoint
+
+    last = safe_checkpoint.load_checkpoint(out)  # --checkpointing_steps epoch: saved after each epoch's evaluation
+    assert (last["job"], last["step"], last["global_step"]) == ("ftn_r1/seed0/inverted/lr2", 14, 28)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["optimizer_steps"] for r in rows] == [14, 14] and rows[0]["val"] == epochs[1]["val_acc"]
+    (events,) = (out / "train_multidomain").glob("events.out.tfevents.*")
+    tb = EventAccumulator(str(events))
+    tb.Reload()
+    val = tb.Scalars("ftn_r1/seed0/inverted/lr1/val_acc")
+    assert [(e.step, round(e.value, 6)) for e in val] == [(e["step"], round(e["val_acc"], 6)) for e in epochs[:2]]
+    assert {"ftn_r1/seed0/inverted/lr2/train_loss", "ftn_r1/seed0/inverted/lr2/test_acc"} <= set(tb.Tags()["scalars"])
+    # --push_to_hub --hub_dry_run: the adapters and the model card, as they would be uploaded
+    staged = out / "hub_dry_run" / "me" / "digits-ftn"
+    assert (staged / "inverted" / "adapter_model.safetensors").read_bytes() == (
+        out / "ftn_r1" / "seed0" / "inverted" / "adapter_model.safetensors").read_bytes()
+    assert "FTN" in (staged / "README.md").read_text() and "pushed" in log
 
 
 @pytest.mark.slow
