@@ -57,7 +57,8 @@ _EPOCHS_30 = Value(30, "A.1 and A.2: 30 epochs, for the baselines and for FTN")
 _BATCH_32 = Value(32, "A.1 and A.2: batch size 32")
 _ONE_SEED = Value("0", NOT_IN_PAPER + "Tables 1-3 report one number per cell (no spread over seeds)")
 _NO_GRID = Value("1", "A.1 and A.2 give one learning rate per parameter group, so no grid (a multiplier of 1)")
-_LORA_LIKE_FTN = NOT_IN_PAPER + "LoRA is not in the conv tables; it gets FTN's optimizers, so the two differ only in the form of ΔW"
+_LORA_LIKE_FTN = (NOT_IN_PAPER + "LoRA is not in the conv tables; it gets FTN's optimizers, so the two differ only "
+                                 "in the form of ΔW")
 
 DEMO = Recipe(
     name="demo",
@@ -104,7 +105,8 @@ def _conv_recipe(name, description, backbone, ranks, ftn, baseline) -> Recipe:
         flags={
             "backbone": backbone,
             "methods": Value("ftn,finetune,feature_extractor,bn_head",
-                             "A.1 and A.2 train FTN and the baselines Fine-Tuning, Feature-Extractor, 'FC and BN only'"),
+                             "A.1 and A.2 train FTN and the baselines Fine-Tuning, Feature-Extractor, "
+                             "'FC and BN only'"),
             "ranks": ranks,
             "ftn_targets": DEMO.flags["ftn_targets"],
             "ftn_init": _FTN_INIT,

@@ -55,12 +55,10 @@ import ftn_peft.auto  # noqa: E402
 from ftn_peft import baselines, optim  # noqa: E402
 from ftn_peft.metrics import load_accuracy  # noqa: E402
 
-ADAPTER_METHODS = ("ftn", "lora")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Flags marked [recipe] default to the --recipe's value (see examples/recipes.py); "
+                                epilog="Flags marked [recipe] default to the --recipe's value (examples/recipes.py); "
                                        "typing one overrides the recipe.")
     p.add_argument("--recipe", default="demo", help=f"named settings: one of {sorted(recipes.RECIPES)} (default: demo)")
     p.add_argument("--print_config", action="store_true", help="print the resolved settings and where each comes "
@@ -92,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor_lr", type=float, default=None, help="overrides the recipe's factor lr, for every method")
     p.add_argument("--head_optimizer", default=None, choices=["adam", "sgd"],
                    help="overrides the recipe's optimizer of BatchNorm + head, for every method")
-    p.add_argument("--head_lr", type=float, default=None, help="overrides the recipe's BatchNorm + head lr, for every method")
+    p.add_argument("--head_lr", type=float, default=None,
+                   help="overrides the recipe's BatchNorm + head lr, for every method")
     p.add_argument("--weight_decay", type=float, default=None, help="overrides the recipe's, for every method")
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum; overrides the recipe's")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -111,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with_tracking", action="store_true", help="log per-epoch metrics with the --report_to trackers")
     p.add_argument("--report_to", default="tensorboard", help='accelerate trackers: "tensorboard" (offline, in '
                    '<output_dir>/train_multidomain), "wandb", ..., or "all"')
-    p.add_argument("--push_to_hub", action="store_true", help="upload each FTN label's adapters (one repo per label and "
-                   "seed) with a model card")
+    p.add_argument("--push_to_hub", action="store_true",
+                   help="upload each FTN label's adapters (one repo per label and seed) with a model card")
     p.add_argument("--hub_model_id", default=None, help="repo id; default: the output dir's name; with several labels "
                    "or seeds, -<label>-seed<s> is appended")
     p.add_argument("--hub_token", default=None)
@@ -258,7 +257,10 @@ def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, num_workers: i
     order = torch.randperm(len(dataset), generator=g).tolist()
     if not isinstance(dataset, TensorDataset):  # indexing stored tensors draws no random numbers
         dataset = EpochSamples(dataset, seed, epoch)
-    return DataLoader(dataset, batch_size=batch_size, sampler=order, shuffle=False, num_workers=num_workers)
+    # generator: the loader draws its workers' base seed from it, not from the global generator, which a resumed
+    # run restores for the model's own random layers (dropout) and which must not depend on where the loader began
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, shuffle=False, num_workers=num_workers,
+                      generator=g)
 
 
 def trainable_state(model) -> dict:
@@ -283,7 +285,8 @@ def state_hash(state: dict) -> str:
 @torch.no_grad()
 def accuracy(accelerator, model, dataset, batch_size: int, num_workers: int = 0) -> float:
     model.eval()
-    loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                                        generator=torch.Generator()))  # leaves the global one alone
     metric = load_accuracy()
     for x, y in loader:
         logits = data_lib.logits_of(model(x))
