@@ -6,6 +6,9 @@ of the paper ("Factorized Tensor Networks for Multi-Task and Multi-Domain Learni
 paper" with the reason for the choice. `python examples/train_multidomain.py --recipe paper-clip --print_config`
 prints the resolved values with these sources.
 
+Images are the data layer's part (multidomain_data.py); the paper crops them randomly to 224 × 224 with
+horizontal flips (A.1), the input size of all three backbones.
+
 Optimizers are per method and per parameter group: "factors" are the trained weights other than normalization and
 head (FTN's low-rank factors, LoRA's matrices, a fine-tuned backbone), "head" is the task BatchNorm and classifier
 (`ftn_peft.optim.split_parameters`). `--factor_optimizer`, `--factor_lr`, `--head_optimizer`, `--head_lr`,
@@ -81,8 +84,6 @@ DEMO = Recipe(
         "epochs": Value(8, NOT_IN_PAPER + "about 40 steps a domain: fewer undertrain the small methods"),
         "batch_size": Value(64, NOT_IN_PAPER + "the demo's choice (the paper: 32 for ResNets in A.1, 64 for CLIP "
                                                "in §4.1.2)"),
-        "image_size": Value(224, NOT_IN_PAPER + "unused by the demo's 16 px digits; other data without an image "
-                                                "processor are resized to it"),
         "lr_scheduler": _COSINE,
     },
     optimizers={
@@ -116,7 +117,6 @@ def _conv_recipe(name, description, backbone, ranks, ftn, baseline) -> Recipe:
             "lr_grid": _NO_GRID,
             "epochs": _EPOCHS_30,
             "batch_size": _BATCH_32,
-            "image_size": Value(224, "A.1: images randomly cropped to 224 × 224"),
             "lr_scheduler": _COSINE,
         },
         optimizers={
@@ -173,7 +173,6 @@ PAPER_CLIP = Recipe(
         "lr_grid": Value("1", "§4.1.2: the grid search found 5e-6 best, so it is used directly"),
         "epochs": Value(100, "§4.1.2: trained for 100 epochs"),
         "batch_size": Value(64, "§4.1.2: batch size 64"),
-        "image_size": Value(224, "§4.1.2: ViT-B-224/32 takes 224 × 224 images"),
         "lr_scheduler": Value("cosine", NOT_IN_PAPER + "the CLIP schedule is not stated; cosine, as in A.1 and A.2"),
     },
     optimizers={m: Value(Optimizers("adam", 5e-6, "adam", 5e-6), _CLIP_OPTIMIZER)

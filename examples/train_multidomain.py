@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target_modules", default=None, help="FTN/LoRA targets: a comma list of layer names or a regex (default: presets for ResNets and CLIP, else "
                    "ftn_peft.auto_config)")
     p.add_argument("--head_module", default=None, help="name of the classifier Linear (default: found automatically)")
-    p.add_argument("--image_size", type=int, default=None, help="[recipe] for non-demo data without a processor")
+    p.add_argument("--image_size", type=int, default=224, help="for non-demo data without a processor")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--output_dir", default="outputs/train_multidomain", help="ignored by git")
     p.add_argument("--cache_dir", default=None, help="where the demo's source model is cached")
