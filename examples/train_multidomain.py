@@ -189,9 +189,10 @@ def parse_args(argv=None):
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             p.error(f'--checkpointing_steps {args.checkpointing_steps!r}: expected a number of steps >= 1 or "epoch"')
         args.checkpointing_steps = int(args.checkpointing_steps)
-    if recipe.real_data and args.dataset == "demo" and not args.print_config:
-        p.error(f"--recipe {recipe.name} is the paper's setting for real images; pass your data (--dataset), or "
-                "use --recipe demo for the built-in digits")
+    domains_file = str(args.domains or "").endswith((".yaml", ".yml", ".json"))
+    if recipe.real_data and args.dataset == "demo" and not domains_file and not args.print_config:
+        p.error(f"--recipe {recipe.name} is the paper's setting for real images; pass your data (--dataset, or a "
+                "domains file as --domains), or use --recipe demo for the built-in digits")
     if args.push_to_hub and "ftn" not in args.methods:
         p.error("--push_to_hub uploads FTN adapters, but --methods has no ftn")
     args.hub_model_id = args.hub_model_id or Path(args.output_dir).resolve().name
