@@ -216,3 +216,14 @@ def test_docs_show_each_recipe_as_print_config_prints_it(name, capsys):
     tm.main(["--recipe", name, "--print_config"])
     printed = capsys.readouterr().out
     assert f"```text\n{printed}```" in (ROOT / "docs" / "training.md").read_text()
+
+
+def test_a_training_split_without_length_is_refused_with_the_reason():
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(3), 0
+
+    with pytest.raises(TypeError, match="needs a map-style Dataset"):
+        tm.epoch_loader(Stream(), 4, seed=0, epoch=0)
