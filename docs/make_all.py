@@ -16,6 +16,7 @@ Timings are only meaningful on an otherwise idle machine: the benchmarks say so 
 | demo5 | examples/train_multidomain.py --seeds 0,1,2,3,4 | demo_results_5seeds.md |
 | demo_zero_init | examples/train_multidomain.py --ftn_init zero | demo_results_zero_init.md |
 | vit_demo | examples/train_vit_demo.py (after demo: plots both) | vit_demo_results.{md,csv}, vit_demo_accuracy_vs_params.png |
+| generation | examples/train_generator.py (3 seeds) | generation_results.md, generation_reconstructions.png |
 | analysis_heatmap_prune | examples/analysis_demo.py --only heatmap prune | analysis_heatmap_domains.png, analysis_heatmap_ranks.png, analysis_prune_curve.png, analysis_results_heatmap_prune.json |
 | analysis_ranks | examples/analysis_demo.py --only ranks | analysis_results_ranks.json |
 | analysis_convert | examples/analysis_demo.py --only convert --seeds 0 1 | analysis_results_convert.json |
@@ -68,6 +69,11 @@ JOBS = [
         ["--seeds", "0", "--epochs", "1", "--domains", "inverted", "--lr_grid", "1", "--max_widen", "0",
          "--source_epochs", "1", "--workers", "1", "--cache_dir", "{work}/../cache"],
         [f"vit_demo_{f}" for f in ("results.md", "results.csv", "accuracy_vs_params.png")]),
+    Job("generation", "examples/train_generator.py", ["--output_dir", "{work}"],
+        ["--domains", "colour", "--ranks", "1", "--lora_ranks", "1", "--seeds", "0", "--images", "4", "--steps", "3",
+         "--source_steps", "3", "--cache_dir", "{work}/../cache"],
+        ["generation_results.md", "generation_reconstructions.png"],
+        {"results.md": "generation_results.md", "reconstructions.png": "generation_reconstructions.png"}),
     Job("analysis_heatmap_prune", "examples/analysis_demo.py", ["--out", "{out}", "--only", "heatmap", "prune"],
         ANALYSIS_QUICK, ["analysis_heatmap_domains.png", "analysis_heatmap_ranks.png", "analysis_prune_curve.png",
                          "analysis_results_heatmap_prune.json"]),

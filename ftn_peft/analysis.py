@@ -248,11 +248,13 @@ def factor_parameters(keep: dict[str, list[int]], norms: dict[str, LayerNorms]) 
 def cp_tensor_from_delta(kind: str, delta: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
     """The tensor FTN's CP acts on, from ΔW in nn.Linear / nn.Conv layout: the inverse of `delta_weight`'s layout.
 
-    conv: (Cout, Cin/g, kh, kw) -> k² × Cin/g × Cout; qkv: (n·d, d_model) -> d_model × d × n;
-    out: (d_model, n·d) -> d_model × d × n; matrix: (out, in) -> in × out.
+    conv: (Cout, Cin/g, kh, kw) -> k² × Cin/g × Cout; conv_transpose: (Cin, Cout/g, kh, kw) -> k² × Cin × Cout/g;
+    qkv: (n·d, d_model) -> d_model × d × n; out: (d_model, n·d) -> d_model × d × n; matrix: (out, in) -> in × out.
     """
     if kind == FF.CONV:
         return delta.reshape(delta.shape[0], delta.shape[1], -1).permute(2, 1, 0)
+    if kind == FF.CONV_T:
+        return delta.reshape(delta.shape[0], delta.shape[1], -1).permute(2, 0, 1)
     if kind == FF.MATRIX:
         return delta.t()
     if kind == FF.QKV:

@@ -4,6 +4,9 @@ The targets are found from the module tree, not from name regexes written per ar
 
 - convolutions: every stock `nn.Conv1d` / `nn.Conv2d` except the stem (timm's `pretrained_cfg["first_conv"]`, else
   the first convolution registered), depthwise, grouped and squeeze-excitation convs included;
+- transposed convolutions (generators, decoders): every stock `nn.ConvTranspose1d` / `nn.ConvTranspose2d`, none
+  left out as a stem (a generator's first one maps the latent code, the layer that most shapes what it can draw);
+  ``targets="convs"`` adapts them with the convolutions, ``targets="conv_transpose"`` alone;
 - attention projections: `nn.Linear` layers inside a module whose class name contains "Attention", sorted into
   query / key / value (`q_proj`, `query`, ...), fused query-key-value (`qkv`, split by FTN into 3n heads) and output
   projections (`out_proj`, `proj`, `o_proj`, `c_proj`, `output.dense`); their head count is resolved by FTN from the
@@ -28,15 +31,16 @@ from torch import nn
 from .compat import BaseTunerLayer
 from .config import DEFAULT_OUTPUT_PROJECTIONS, FTNConfig
 
-TARGET_CHOICES = ("convs", "qv", "qkv", "o", "attention", "mlp", "all")
+TARGET_CHOICES = ("convs", "conv_transpose", "qv", "qkv", "o", "attention", "mlp", "all")
 _KINDS_OF = {
-    "convs": {"conv"},
+    "convs": {"conv", "conv_transpose"},
+    "conv_transpose": {"conv_transpose"},
     "qv": {"q", "v"},
     "qkv": {"q", "k", "v", "qkv"},
     "o": {"o"},
     "attention": {"q", "k", "v", "qkv", "o"},
     "mlp": {"mlp"},
-    "all": {"conv", "q", "k", "v", "qkv", "o", "mlp"},
+    "all": {"conv", "conv_transpose", "q", "k", "v", "qkv", "o", "mlp"},
 }
 _PROJECTION_NAMES = {
     "q": {"q_proj", "query", "q", "to_q"},
@@ -45,14 +49,20 @@ _PROJECTION_NAMES = {
     "qkv": {"qkv", "qkv_proj", "in_proj", "c_attn", "Wqkv", "to_qkv"},
     "o": {"out_proj", "o_proj", "proj", "c_proj", "to_out"},
 }
-_STOCK_FORWARD = {nn.Conv1d: nn.Conv1d.forward, nn.Conv2d: nn.Conv2d.forward, nn.Linear: nn.Linear.forward}
+_STOCK_FORWARD = {
+    nn.Conv1d: nn.Conv1d.forward,
+    nn.Conv2d: nn.Conv2d.forward,
+    nn.ConvTranspose1d: nn.ConvTranspose1d.forward,
+    nn.ConvTranspose2d: nn.ConvTranspose2d.forward,
+    nn.Linear: nn.Linear.forward,
+}
 
 
 @dataclass
 class FoundLayers:
     """What `find_layers` sees in a model: adaptable layers by kind, and what it leaves alone."""
 
-    by_kind: dict[str, list[str]] = field(default_factory=dict)  # conv, q, k, v, qkv, o, mlp
+    by_kind: dict[str, list[str]] = field(default_factory=dict)  # conv, conv_transpose, q, k, v, qkv, o, mlp
     stem: list[str] = field(default_factory=list)
     head: Optional[str] = None
     batchnorms: list[str] = field(default_factory=list)
@@ -130,7 +140,7 @@ def find_layers(model: nn.Module) -> FoundLayers:
     """Sort the model's Conv / Linear layers into FTN's kinds (see the module docstring)."""
     if isinstance(model, PeftModel):
         model = model.get_base_model()
-    found = FoundLayers(by_kind={k: [] for k in ("conv", "q", "k", "v", "qkv", "o", "mlp")})
+    found = FoundLayers(by_kind={k: [] for k in ("conv", "conv_transpose", "q", "k", "v", "qkv", "o", "mlp")})
     modules = _unwrapped_modules(model)
     found.head = _find_head(model, modules)
     convs = []
@@ -149,6 +159,9 @@ def find_layers(model: nn.Module) -> FoundLayers:
             continue
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             convs.append(name)
+            continue
+        if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+            found.by_kind["conv_transpose"].append(name)
             continue
         ancestors = [modules[".".join(name.split(".")[:i])] for i in range(1, name.count(".") + 1)]
         kind = "mlp"
@@ -188,7 +201,8 @@ def auto_config(
         model: the base model (random or pretrained weights; it is only inspected).
         r: CP rank of every adapted weight.
         targets: which layers to adapt, one of or a list of: ``"convs"`` (every convolution but the stem: the paper's
-            conv networks), ``"qv"`` (query and value projections), ``"qkv"`` (query, key and value, including fused
+            conv networks; and every transposed convolution), ``"conv_transpose"`` (transposed convolutions only:
+            a generator's or decoder's upsampling layers), ``"qv"`` (query and value projections), ``"qkv"`` (query, key and value, including fused
             ``qkv`` layers), ``"o"`` (attention output projections), ``"attention"`` (``"qkv"`` and ``"o"``),
             ``"mlp"`` (every other Linear but the classifier), ``"all"`` (all of the above).
         num_classes: outputs of this adapter's task head; ``None`` keeps the model's own classifier size.

@@ -148,7 +148,9 @@ def test_group_sparsity_penalty_matches_definition_and_shrinks_components():
 
 
 @pytest.mark.parametrize(
-    "kind,shape,heads", [("conv", (8, 4, 3, 3), None), ("qkv", (12, 10), 3), ("out", (10, 12), 4), ("matrix", (6, 5), None)]
+    "kind,shape,heads",
+    [("conv", (8, 4, 3, 3), None), ("conv_transpose", (6, 4, 3, 2), None), ("conv_transpose", (5, 3, 4), None),
+     ("qkv", (12, 10), 3), ("out", (10, 12), 4), ("matrix", (6, 5), None)],
 )
 def test_cp_tensor_layout_inverts_delta_weight(kind, shape, heads):
     dims = FF.factor_dims(kind, shape, heads)
@@ -176,6 +178,34 @@ def test_converting_an_exact_rank_r_finetune_recovers_it():
     assert max(errors.values()) < 1e-4, errors
     with torch.no_grad():
         torch.testing.assert_close(_out(model, "converted"), finetuned(_x()), rtol=1e-4, atol=1e-4)
+
+
+def test_converting_a_finetuned_generator_recovers_its_transposed_conv_updates():
+    """A DCGAN-style decoder: ConvTranspose2d ΔW laid out as k² × Cin × Cout/g, groups included."""
+    def generator():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.ConvTranspose2d(4, 6, 4), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+            torch.nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1, groups=2), torch.nn.BatchNorm2d(4),
+        ).eval()
+
+    finetuned = generator()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for m in finetuned.modules():
+            if isinstance(m, torch.nn.ConvTranspose2d):  # an exact rank-2 update in the transposed layout
+                factors = [torch.randn(2, d) * 0.3 for d in FF.factor_dims("conv_transpose", m.weight.shape)]
+                m.weight += FF.delta_weight("conv_transpose", factors, m.weight.shape)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+    config = ftn_peft.FTNConfig(r=2, alpha=3.0, target_modules=["0", "3"])
+    model = get_peft_model(generator(), config, adapter_name="other")
+    errors = analysis.convert_finetuned(model, finetuned, "converted", config)
+    assert sorted(errors) == ["0", "3"] and max(errors.values()) < 1e-4, errors
+    z = torch.randn(3, 4, 1, 1, generator=torch.Generator().manual_seed(1))
+    model.set_adapter("converted")
+    with torch.no_grad():
+        torch.testing.assert_close(model(z), finetuned(z), rtol=1e-4, atol=1e-4)
 
 
 def test_heatmap_is_written_as_a_png(tmp_path):
