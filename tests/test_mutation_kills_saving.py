@@ -184,3 +184,42 @@ def test_a_lora_model_goes_straight_to_peft(tmp_path):
     lora = get_peft_model(tiny_timm_resnet(), LoraConfig(target_modules=["fc"]))
     save(lora, str(tmp_path / "lora"))
     assert calls == [str(tmp_path / "lora")] and os.listdir(tmp_path) == []
+
+
+def test_the_target_path_always_holds_a_directory_during_a_save_on_linux(tmp_path, monkeypatch):
+    if not hasattr(os, "sched_getaffinity"):  # Linux: the exchange is one renameat2 call
+        pytest.skip("renameat2 exchange is Linux-only")
+    model = _model()
+    target = tmp_path / "adapter"
+    model.save_pretrained(target)
+    missing = []
+    monkeypatch.setattr(saving, "_on_step", lambda step: missing.append(step) if not target.is_dir() else None)
+    model.save_pretrained(target)
+    assert missing == []  # no step of the save sees the path without a directory (renames would: "displaced")
+
+
+def test_a_failed_exchange_raises_the_os_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("renameat2 exchange is Linux-only")
+    with pytest.raises(FileNotFoundError):
+        saving._exchange(str(tmp_path / "a"), str(tmp_path / "missing"))
+    assert saving._exchange(str(tmp_path / "a"), str(tmp_path / "a")) is True  # swapping a path with itself
+
+
+def test_only_this_targets_leftovers_are_removed(tmp_path):
+    model = _model()
+    target = tmp_path / "adapter"
+    hexname = "0123456789abcdef0123456789abcdef"
+    (tmp_path / f".adapter.tmp-{hexname}").mkdir()  # an interrupted save's folder
+    (tmp_path / f".adapter.tmp-{hexname}" / "adapter_config.json").write_text("{}")
+    (tmp_path / f".adapter.tmp-{hexname[::-1]}").write_text("partial")  # a leftover that is a file
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("keep")
+    (tmp_path / ".adapter.tmp-abcdefgh").symlink_to(tmp_path / "elsewhere")  # an older version's name, a link
+    kept = [f".other.tmp-{hexname}", ".adapter.tmp-my-notes"]  # another adapter's save; not a leftover name
+    for name in kept:
+        (tmp_path / name).write_text("mine")
+    model.save_pretrained(target)
+    assert sorted(os.listdir(tmp_path)) == sorted(["adapter", "elsewhere", *kept])
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "keep"  # the link went, not what it points to
