@@ -64,13 +64,14 @@ def _heads(net):
         (_Config(hidden_size=8, num_attention_heads=4), {}, 4),
         (_Config(head_dim=4, hidden_size=8, num_attention_heads=4), {}, 2),  # head_dim wins
         (_Config(vision_config=_Config(n_embd=8, n_head=2)), {}, 2),
+        (_Config(hidden_size=8, vision_config=_Config(hidden_size=8, num_attention_heads=2)), {}, 2),  # needs both
         (_Config(text_config=_Config(d_model=8, n_heads=8)), {}, 8),
         (_Config(hidden_size=8, num_attention_heads=4), {"num_heads": 2}, 4),  # num_heads without dim: not enough
         (None, {"num_heads": 2, "dim": 8}, 2),  # timm's WindowAttention: dim // num_heads
         (None, {"head_dim": 4}, 2),
         (None, {}, None),  # nothing says the head size: a plain matrix
     ],
-    ids=["hidden-heads", "head_dim", "vision_config", "text_config", "num_heads-only", "dim-num_heads", "attr",
+    ids=["hidden-heads", "head_dim", "vision_config", "hidden-without-heads", "text_config", "num_heads-only", "dim-num_heads", "attr",
          "none"],
 )
 def test_head_size_found_on_the_attention_module_or_the_model_config(config, attrs, heads):
@@ -94,7 +95,7 @@ def test_the_tuner_itself_routes_mixed_batches(images):
             model.set_adapter(name)
             singles[name] = model(images)
         mixed = model.base_model(images, adapter_names=["a", "b", "b", "a"])
-        plain = model.base_model(images)  # no adapter_names: the active adapter ("b")
+        plain = model.base_model(x=images)  # no adapter_names: the active adapter ("b"); keywords passed on
     torch.testing.assert_close(mixed[[0, 3]], singles["a"][[0, 3]])
     torch.testing.assert_close(mixed[[1, 2]], singles["b"][[1, 2]])
     torch.testing.assert_close(plain, singles["b"])
@@ -203,3 +204,21 @@ def test_errors_name_the_problem_and_the_fix_in_full(case):
         get_peft_model(model, FTNConfig(**kwargs))
     assert str(info.value) == message
     assert {n: type(m) for n, m in model.named_modules()} == before  # and the model is left as it was
+
+
+def test_rank_limits_and_regex_excludes():
+    # a rank equal to the weight's entries is allowed; a target without a weight does not stop the rank check
+    model = get_peft_model(Net(), FTNConfig(target_modules=["q"], r=64))
+    assert model.base_model.model.attn.q.r["default"] == 64
+    with pytest.raises(ValueError, match=r"^r=10000 exceeds the 320 entries of 'fc''s weight"):
+        get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["layer1", "fc"], r=10000))
+    model = get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv1"], exclude_modules=r"layer1\..*"))
+    net = model.base_model.model
+    assert not hasattr(net.layer1[0].conv1, "ftn_a") and hasattr(net.layer2[0].conv1, "ftn_a")
+
+
+def test_a_head_name_matching_many_modules_lists_five():
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv1"], head_module="0"))
+    listed = re.search(r"matches (\d+) modules \((\[.*?\])\)", str(info.value))
+    assert int(listed.group(1)) > 5 and len(eval(listed.group(2))) == 5

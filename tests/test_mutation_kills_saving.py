@@ -202,8 +202,13 @@ def test_a_failed_exchange_raises_the_os_error(tmp_path):
     (tmp_path / "a").mkdir()
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("renameat2 exchange is Linux-only")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError) as info:
         saving._exchange(str(tmp_path / "a"), str(tmp_path / "missing"))
+    assert (info.value.filename, info.value.filename2) == (str(tmp_path / "a"), str(tmp_path / "missing"))
+    assert info.value.strerror == os.strerror(info.value.errno)
+    (tmp_path / "a" / "b").mkdir()  # the kernel refuses (EINVAL) to swap a folder with its own subfolder: no exchange
+    assert saving._exchange(str(tmp_path / "a"), str(tmp_path / "a" / "b")) is False
+    assert (tmp_path / "a" / "b").is_dir()
     assert saving._exchange(str(tmp_path / "a"), str(tmp_path / "a")) is True  # swapping a path with itself
 
 
@@ -223,3 +228,26 @@ def test_only_this_targets_leftovers_are_removed(tmp_path):
     model.save_pretrained(target)
     assert sorted(os.listdir(tmp_path)) == sorted(["adapter", "elsewhere", *kept])
     assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "keep"  # the link went, not what it points to
+
+
+def test_a_target_that_cannot_be_renamed_is_updated_file_by_file(tmp_path, images, monkeypatch):
+    import errno
+
+    monkeypatch.setattr(saving, "_exchange", lambda a, b: False)
+    model = _model()
+    target = tmp_path / "adapter"
+    model.save_pretrained(target)
+    real_rename = os.rename
+
+    def busy_target(src, dest):
+        if os.path.abspath(src) == str(target.resolve()):
+            raise OSError(errno.EBUSY, "a mount point")
+        real_rename(src, dest)
+
+    monkeypatch.setattr(os, "rename", busy_target)
+    _bump(model)
+    model.save_pretrained(target)
+    monkeypatch.undo()
+    loaded = PeftModel.from_pretrained(tiny_timm_resnet(), target)
+    assert torch.equal(_first_factor(loaded), _first_factor(model))
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
