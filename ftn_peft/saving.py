@@ -190,7 +190,7 @@ def _swap_by_renames(target: str, staging: str) -> bool:
 def _replace_files(target: str, staging: str, written: list[str]) -> None:
     """Last resort: replace the written files one by one, weights before configs, the card last."""
     def order(rel):
-        return (os.path.basename(rel) == CONFIG_NAME, rel == _CARD)
+        return (rel == _CARD, os.path.basename(rel) == CONFIG_NAME)
 
     for rel in sorted(written, key=order):
         os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
