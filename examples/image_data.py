@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PIL_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -88,14 +88,20 @@ class Images(Dataset):
         i = int(self.indices[k])
         image = self.read(i)
         if self.augment:
-            # timm's random resized crop draws from Python's `random`, torchvision's flip from torch: seed both.
-            state = random.getstate()
-            with torch.random.fork_rng(devices=[]):
-                seed = hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF
-                torch.manual_seed(seed)
-                random.seed(seed)
+            # timm's random resized crop draws from Python's `random`, torchvision's flip from torch: seed both
+            # (torch's CPU generator only: torch.manual_seed would also seed every accelerator, ~30x slower).
+            # A worker's generators serve nothing else; in the main process they are put back afterwards.
+            in_main = get_worker_info() is None
+            states = (random.getstate(), torch.random.get_rng_state()) if in_main else None
+            seed = hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF
+            random.seed(seed)
+            torch.default_generator.manual_seed(seed)
+            try:
                 x = self.transform(image)
-            random.setstate(state)
+            finally:
+                if in_main:
+                    random.setstate(states[0])
+                    torch.random.set_rng_state(states[1])
         else:
             x = self.transform(image)
         return x, int(self.labels[i])
