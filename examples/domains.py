@@ -119,7 +119,7 @@ def _parse_domain(name: str, entry: dict, base: Path, origin: str, top_seed) -> 
         raise DomainsFileError(f"{where}: field '{kind}' must be a non-empty string, got {_show(location)}")
     if kind != "hub":
         path = Path(os.path.expanduser(location))
-        location = str(path if path.is_absolute() else base / path)
+        location = os.path.normpath(path if path.is_absolute() else base / path)
         if not os.path.isdir(location):
             raise DomainsFileError(f"{where}: field '{kind}' is {entry[kind]!r}, but {location} is not a directory; "
                                    "fix the path (relative paths are relative to the domains file)")

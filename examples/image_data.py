@@ -72,11 +72,12 @@ class Images(Dataset):
 
     With `augment=True` the random transform draws from a generator seeded by (seed, epoch, row), so an image's
     augmentation depends on neither the worker that loads it, the number of workers or processes, nor where a
-    resumed run starts: `with_epoch` gives the view for one epoch.
+    resumed run starts: `with_epoch` gives the view for one epoch. `seed=None` leaves the transform to the
+    process's own generators (a loader that seeds its workers itself, like the Trainer's).
     """
 
     def __init__(self, read: Callable[[int], object], labels: np.ndarray, indices: np.ndarray,
-                 transform: Callable, augment: bool = False, seed: int = 0, epoch: int = 0):
+                 transform: Callable, augment: bool = False, seed: Optional[int] = 0, epoch: int = 0):
         self.read, self.labels = read, np.asarray(labels, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform, self.augment, self.seed, self.epoch = transform, augment, seed, epoch
@@ -87,7 +88,7 @@ class Images(Dataset):
     def __getitem__(self, k: int):
         i = int(self.indices[k])
         image = self.read(i)
-        if self.augment:
+        if self.augment and self.seed is not None:
             # timm's random resized crop draws from Python's `random`, torchvision's flip from torch: seed both
             # (torch's CPU generator only: torch.manual_seed would also seed every accelerator, ~30x slower).
             # A worker's generators serve nothing else; in the main process they are put back afterwards.
@@ -166,7 +167,9 @@ def _size(size, *keys):
         return size
     size = size if isinstance(size, dict) else dict(size.items() if hasattr(size, "items") else vars(size))
     values = [size.get(k) for k in keys]
-    return values if all(v is not None for v in values) else None
+    if any(v is None for v in values):
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def _processor_config(processor) -> dict:
@@ -176,7 +179,7 @@ def _processor_config(processor) -> dict:
     fixed = _size(size, "height", "width")
     crop = _size(getattr(processor, "crop_size", None) or {}, "height", "width")
     do_crop = bool(getattr(processor, "do_center_crop", False)) and crop is not None
-    if shortest is not None and not isinstance(shortest, list):
+    if shortest is not None:
         out = crop if do_crop else [shortest, shortest]
         crop_pct, mode = (out[0] / shortest, "center")
     elif fixed is not None:
