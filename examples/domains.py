@@ -297,6 +297,8 @@ def _table_splits(src: DomainSource):
         loaded = datasets.load_from_disk(src.location)
         tables = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
         names = list(tables)
+    elif src.splits is not None:  # named in the file: no need to ask the Hub (works offline from the cache)
+        names, tables = list(src.splits.values()), {}
     else:
         try:
             names = datasets.get_dataset_split_names(src.location, src.config)
@@ -310,7 +312,15 @@ def _table_splits(src: DomainSource):
     def opener(name):
         def open_split() -> OpenSplit:
             nonlocal classes
-            table = tables[name] if name in tables else datasets.load_dataset(src.location, src.config, split=name)
+            if name in tables:
+                table = tables[name]
+            else:
+                try:
+                    table = datasets.load_dataset(src.location, src.config, split=name)
+                except Exception as e:  # a wrong id, config or split name, or no network and no cache
+                    raise DomainsFileError(f"domain '{src.name}': cannot load hub {src.location!r} config "
+                                           f"{src.config!r} split {name!r} ({type(e).__name__}: {str(e)[:200]}); fix "
+                                           "'hub' / 'config' / 'splits'") from None
             for role, col in (("image_column", src.image_column), ("label_column", src.label_column)):
                 if col not in table.column_names:
                     raise DomainsFileError(f"domain '{src.name}': field '{role}' is {col!r}, but split '{name}' has "

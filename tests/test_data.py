@@ -105,6 +105,11 @@ def test_a_hub_entry_loads_its_config_and_splits(monkeypatch, saved_table):
                                               "label_column": "fine"})
     assert calls == [("someone/pets", "small"), ("someone/pets", "small", "train"), ("someone/pets", "small", "test")]
     assert (len(train) + len(val), len(test)) == (30, 10) and opened.class_names == ["cat", "dog"]
+    calls.clear()  # split names given in the file: the Hub is not asked for them (offline from the cache)
+    open_domain({"hub": "someone/pets", "image_column": "img", "label_column": "fine", "splits": {"train": "test"}})
+    assert calls == [("someone/pets", None, "test")]
+    with pytest.raises(domains.DomainsFileError, match=r"domain 'd': cannot load hub 'someone/pets'.*'nope'.*'splits'"):
+        open_domain({"hub": "someone/pets", "image_column": "img", "label_column": "fine", "splits": {"train": "nope"}})
 
 
 def test_imagefolder_with_split_folders_and_classes_missing_from_one_split(tmp_path):
