@@ -72,12 +72,13 @@ class Images(Dataset):
 
     With `augment=True` the random transform draws from a generator seeded by (seed, epoch, row), so an image's
     augmentation depends on neither the worker that loads it, the number of workers or processes, nor where a
-    resumed run starts: `with_epoch` gives the view for one epoch. `seed=None` leaves the transform to the
-    process's own generators (a loader that seeds its workers itself, like the Trainer's).
+    resumed run starts: `with_epoch` (which `make_loader` calls) gives the view for one epoch. With `seed=None` (as
+    built) the transform draws from the process's own generators, for a caller that seeds them itself (the
+    Trainer seeds its workers, a per-sample seeding wrapper seeds each item).
     """
 
     def __init__(self, read: Callable[[int], object], labels: np.ndarray, indices: np.ndarray,
-                 transform: Callable, augment: bool = False, seed: Optional[int] = 0, epoch: int = 0):
+                 transform: Callable, augment: bool = False, seed: Optional[int] = None, epoch: int = 0):
         self.read, self.labels = read, np.asarray(labels, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform, self.augment, self.seed, self.epoch = transform, augment, seed, epoch

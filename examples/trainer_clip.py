@@ -182,7 +182,7 @@ def domain_datasets(opened, config: dict, input_name: str = "pixel_values", augm
     config (`image_data.data_config`): random resized crop + flip for training, the model's eval transform else."""
     train_tf, eval_tf = image_data.transforms(config, augment)
     train, val, _ = domains_lib.build_domain(opened, seed, train_tf, eval_tf, augment)
-    train.seed = None  # the Trainer seeds its DataLoader workers per epoch (data_seed): plain random transforms
+    # train.seed stays None: the Trainer seeds its DataLoader workers per epoch (data_seed) itself
     return Features(train, input_name), Features(val, input_name)
 
 

@@ -381,3 +381,18 @@ def test_full_run_of_the_training_script_on_streamed_imagefolders(tmp_path, fold
     for name in ("inverted", "rotated"):
         model.load_adapter(str(out / "ftn_r1" / "seed0" / name), adapter_name=name)
     assert model(torch.zeros(1, 3, 20, 20)).logits.shape == (1, 4)
+
+
+def test_the_data_benchmark_measures_at_a_tiny_size(folders):
+    """benchmarks/bench_data.py's two measurements, in this process, on 100 JPEGs (no timing is asserted)."""
+    import bench_data
+
+    args = bench_data.parse_args(["--image_size", "16", "--workers", "0", "--speed_images", "24", "--repeats", "2",
+                                  "--batch_size", "8", "--small", "100", "--large", "100"])
+    rss = bench_data.rss_child(args, folders[0])
+    assert rss["images"] == 47 and rss["main_peak_rss"] > 0  # the train part: 100 - 33 test - 20 val
+    speed = bench_data.speed_child(args, folders[0])
+    assert speed["images_per_pass"] == 24 and len(speed["ratios"]) == 2
+    result = {"settings": vars(args), "rss": {"100": [rss, rss]}, "peak_ratio": 1.0, "speed": speed, "cpus": 2}
+    table = bench_data.table(result)
+    assert "torchvision ImageFolder + DataLoader" in table and "| 100 |" in table
