@@ -225,7 +225,7 @@ def test_any_domains_file_gives_a_clear_error_or_a_correct_result(tmp_path):
     existing = str(tmp_path)
     names = st.one_of(st.sampled_from(["sketch", "cifar10", "a b"]), st.text(min_size=0, max_size=4))
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.dictionaries(names, _entry_strategy(existing), min_size=1, max_size=3))
     def check(entries):
         try:
@@ -365,13 +365,13 @@ def test_full_run_of_the_training_script_on_streamed_imagefolders(tmp_path, fold
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "examples" / "train_multidomain.py"), "--backbone", str(tmp_path / "backbone"),
            "--domains", str(tmp_path / "domains.json"), "--methods", "ftn", "--ranks", "1", "--seeds", "0",
-           "--lr_grid", "1", "--epochs", "2", "--batch_size", "16", "--num_workers", "2", "--num_threads", "1",
+           "--lr_grid", "1", "--epochs", "1", "--batch_size", "16", "--num_workers", "2", "--num_threads", "1",
            "--output_dir", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["domain"] for r in rows) == ["inverted", "plain", "rotated"]
-    assert all(r["optimizer_steps"] == 2 * 4 for r in rows)  # 2 epochs x ceil(60 train images / 16)
+    assert all(r["optimizer_steps"] == 4 for r in rows)  # ceil(60 train images / 16)
     from peft import PeftModel
 
     import ftn_peft  # noqa: F401
