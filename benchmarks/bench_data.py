@@ -115,7 +115,8 @@ def speed_child(args, folder: str) -> dict:
             runs[name].append(rate(make))
     ratios = [a / b for a, b in zip(runs["ours"], runs["torchvision"])]
     return {"images_per_pass": n, "runs": runs, "ratios": ratios,
-            "ours_median": statistics.median(runs["ours"]), "torchvision_median": statistics.median(runs["torchvision"]),
+            "ours_median": statistics.median(runs["ours"]),
+            "torchvision_median": statistics.median(runs["torchvision"]),
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
@@ -172,7 +173,8 @@ def table(result: dict) -> str:
     sp = result["speed"]
     lines += [f"| loader ({sp['images_per_pass']:,} images a pass, {s['repeats']} interleaved repeats) | images/s "
               "(median) | per-repeat values |", "|---|---:|---|"]
-    for name, label in (("ours", "image_data.Images + make_loader"), ("torchvision", "torchvision ImageFolder + DataLoader")):
+    for name, label in (("ours", "image_data.Images + make_loader"),
+                        ("torchvision", "torchvision ImageFolder + DataLoader")):
         lines.append(f"| {label} | {statistics.median(sp['runs'][name]):.0f} | "
                      f"{', '.join(f'{v:.0f}' for v in sp['runs'][name])} |")
     lines += ["", f"ratio ours / torchvision per repeat: median {sp['ratio_median']:.3f} (min {sp['ratio_min']:.3f}, "

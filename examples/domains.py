@@ -233,7 +233,8 @@ def open_source(src: DomainSource) -> OpenDomain:
                                    "source or leave the split out to carve it")
         bad = (split.labels < 0) | (split.labels >= len(classes))
         if bad.any():
-            raise DomainsFileError(f"domain '{src.name}': split '{roles[role]}' has labels outside 0..{len(classes) - 1} "
+            raise DomainsFileError(f"domain '{src.name}': split '{roles[role]}' has labels outside "
+                                   f"0..{len(classes) - 1} "
                                    f"(e.g. {int(split.labels[bad][0])}, an unlabeled split?); use a labeled split in "
                                    "'splits' or carve it")
     return OpenDomain(src, opened, list(classes))
