@@ -100,7 +100,8 @@ def parse(obj, base_dir=".", origin: str = "domains file") -> list[DomainSource]
         if not isinstance(entry, dict):
             raise DomainsFileError(f"{origin}: domain '{name}' must be a mapping with one of {list(KINDS)}, got "
                                    f"{_show(entry)}; for example:\n  {name}:\n    imagefolder: /path/to/images")
-        out.append(_parse_domain(name, {**defaults, **entry}, Path(base_dir), origin, top_seed))
+        shared = {k: v for k, v in defaults.items() if not (str(k).endswith("_column") and "imagefolder" in entry)}
+        out.append(_parse_domain(name, {**shared, **entry}, Path(base_dir), origin, top_seed))
     return out
 
 

@@ -126,6 +126,13 @@ def test_imagefolder_with_split_folders_and_classes_missing_from_one_split(tmp_p
     assert len(train) + len(val) == 12 and len(val) == 3 and len(test) == 8
 
 
+def test_defaults_are_shared_and_columns_skip_imagefolders(folders):
+    parsed = domains.parse({"defaults": {"label_column": "fine", "seed": 2}, "domains": {
+        "a": {"hub": "x"}, "b": {"imagefolder": folders[0], "seed": 5}}})
+    assert (parsed[0].label_column, parsed[0].seed) == ("fine", 2)
+    assert (parsed[1].label_column, parsed[1].seed) == ("label", 5)
+
+
 BAD = [
     ({"domain": {}}, ["'domains' key"]),
     ({"domains": []}, ["non-empty mapping"]),
