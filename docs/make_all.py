@@ -24,6 +24,7 @@ Timings are only meaningful on an otherwise idle machine: the benchmarks say so 
 | compute_paths_resnet50, compute_paths_clip-qv | benchmarks/bench_compute_paths.py | compute_paths_<backbone>_cpu.md |
 | scaling | benchmarks/bench_scaling.py | scaling_resnet18_cpu.{md,json,png} |
 | serving | benchmarks/bench_serving.py | serving_bench.json, serving.png |
+| bench_data | benchmarks/bench_data.py (streamed data: peak RSS, loader speed) | bench_data_cpu.{md,json} |
 | zoo | benchmarks/zoo_table.py | zoo.md |
 """
 
@@ -93,6 +94,9 @@ JOBS = [
         ["zoo.md"]),
     Job("serving", "benchmarks/bench_serving.py", ["--out", "{out}"],
         ["--res", "16", "--batch", "2", "--tasks", "1", "2", "--repeats", "1"], ["serving_bench.json", "serving.png"]),
+    Job("bench_data", "benchmarks/bench_data.py", ["--repeats", "7", "--out", "{out}"],
+        ["--small", "40", "--large", "80", "--classes", "4", "--speed_images", "40", "--repeats", "1"],
+        ["bench_data_cpu.md", "bench_data_cpu.json"]),
 ]
 
 

@@ -1,8 +1,10 @@
 """Backbones and domains for train_multidomain.py: the built-in digits demo, timm / Hugging Face models, and
-`datasets` names or local imagefolder directories, all turned into the same in-memory splits.
+domains from a domains file (domains.py), `datasets` names or local imagefolder directories.
 
-Every domain becomes three `TensorDataset`s (train / val / test). Where a data set ships no validation split,
-one is carved from its training split with the seed; where it ships no test split, one is carved as well.
+Every domain becomes three datasets (train / val / test) of (image tensor, label) pairs. The demo's are small
+in-memory tensors; every other source is streamed (image_data.py): images are read and transformed per batch by
+DataLoader workers, with the model's own preprocessing and, for training, random resized crops and flips.
+Where a data set ships no validation or test split, one is carved from its training split with the seed.
 """
 
 from __future__ import annotations
@@ -11,14 +13,13 @@ import functools
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
+import domains as domains_lib
+import image_data
 import ftn_peft.auto
 from ftn_peft import FTNConfig, presets
 from ftn_peft.demo.digits import Domain
@@ -63,28 +64,40 @@ class Spec:
 
 # ------------------------------------------------------------------------------------------------ backbones
 def load_backbone(args) -> tuple[nn.Module, Optional[object]]:
-    """(model in eval mode, image processor or None) for --backbone."""
+    """(model in eval mode, image processor or None) for --backbone (and --backbone_weights).
+
+    timm names load their pretrained weights (from the Hub cache, or `--backbone_weights FILE`, a local
+    .safetensors / .pth file, through timm's `pretrained_cfg_overlay`); "local-dir:<dir>" and "hf-hub:<id>" are
+    timm's own sources; a Hugging Face id or a local `save_pretrained` directory loads with transformers.
+    """
     name = args.backbone
+    weights = getattr(args, "backbone_weights", None)
     if name == "demo":
-        from ftn_peft.demo import digits
-
         return load_demo_source(args, 0), None
+    if weights and not os.path.isfile(weights):
+        raise ValueError(f"--backbone_weights {weights} is not a file; give a .safetensors / .pth / .bin state dict")
     if name.startswith(("local-dir:", "hf-hub:")):  # timm's own sources, e.g. a timm.models.save_for_hf folder
-        import timm
-
-        return timm.create_model(name, pretrained=True).eval(), None
+        return timm_backbone(name, weights), None
     if os.path.isdir(name) or "/" in name:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+        if weights:
+            raise ValueError(f"--backbone_weights is for timm names; {name} is a transformers model: put its "
+                             "weights in a save_pretrained directory and pass that directory as --backbone")
         model = AutoModelForImageClassification.from_pretrained(name)
         try:
             processor = AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError):
             processor = None  # a bare save_pretrained dir may have no preprocessor_config.json
         return model.eval(), processor
+    return timm_backbone(name, weights), None
+
+
+def timm_backbone(name: str, weights: Optional[str] = None) -> nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=True).eval(), None
+    overlay = {"pretrained_cfg_overlay": dict(file=os.path.abspath(weights))} if weights else {}
+    return timm.create_model(name, pretrained=True, **overlay).eval()
 
 
 def load_demo_source(args, seed: int) -> nn.Module:
@@ -136,72 +149,36 @@ def backbone_parameters(model: nn.Module, head_module: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(y))
-    counts = np.bincount(y.numpy())
-    stratify = y.numpy() if counts[counts > 0].min() >= 2 else None
-    a, b = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
-    return (x[a], y[a]), (x[b], y[b])
-
-
-def _to_tensors(ds, processor, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    image_col = next(c for c in ("image", "img", "pixel_values") if c in ds.column_names)
-    label_col = next(c for c in ("label", "labels", "fine_label") if c in ds.column_names)
-    images = [im.convert("RGB") for im in ds[image_col]]
-    if processor is not None:
-        x = processor(images=images, return_tensors="pt")["pixel_values"]
+def streamed_domain_maker(args, model: nn.Module, processor) -> tuple[list, Callable[[str, int], Domain]]:
+    """Domains from a domains file (`--domains FILE.yaml|json`), a local dir with one imagefolder per domain, or a
+    `datasets` name with one config per domain; images stay on disk and are transformed per batch."""
+    if domains_lib.is_domains_file(args.domains):
+        if args.dataset != "demo":
+            raise ValueError(f"--domains {args.domains} is a domains file, which names every source itself; "
+                             f"drop --dataset {args.dataset}")
+        sources = domains_lib.load_file(args.domains)
     else:
-        from torchvision.transforms import functional as TF
-
-        x = torch.stack([TF.normalize(TF.to_tensor(TF.resize(im, [image_size, image_size])),
-                                      [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) for im in images])
-    return x.float(), torch.as_tensor(ds[label_col], dtype=torch.long)
-
-
-def hf_domain_maker(args, processor) -> tuple[list, Callable[[str, int], Domain]]:
-    """Domains from a local dir (one imagefolder subdir per domain) or a `datasets` name (one config per domain)."""
-    import datasets
-
-    local = os.path.isdir(args.dataset)
-    if args.domains:
-        names = args.domains.split(",")
-    elif local:
-        names = sorted(p.name for p in Path(args.dataset).iterdir() if p.is_dir())
-    else:
-        names = datasets.get_dataset_config_names(args.dataset)
-    cache: dict = {}
-
-    def load(name: str):
-        if name not in cache:
-            if local:
-                dd = datasets.load_dataset("imagefolder", data_dir=str(Path(args.dataset) / name))
-            else:
-                dd = datasets.load_dataset(args.dataset, name)
-            cache[name] = {split: _to_tensors(ds, processor, args.image_size) for split, ds in dd.items()}
-        return cache[name]
+        sources = domains_lib.from_flags(args.dataset, args.domains.split(",") if args.domains else None)
+    by_name = {s.name: s for s in sources}
+    # A timm model carries its pretrained_cfg; a transformers model its image processor; else ImageNet's defaults.
+    config = image_data.data_config(model if hasattr(model, "pretrained_cfg") else None, processor, args.image_size)
+    augment = not getattr(args, "no_augment", False)
+    train_tf, eval_tf = image_data.transforms(config, augment=augment)
+    opened = functools.cache(lambda name: domains_lib.open_source(by_name[name]))
 
     def make(name: str, seed: int) -> Domain:
-        splits = load(name)
-        train = splits["train"]
-        test = splits.get("test")
-        if test is None:
-            train, test = _split(*train, 1 / 3, seed)
-        val = splits.get("validation")
-        if val is None:
-            train, val = _split(*train, 0.2, seed)
-        num_classes = int(max(int(t[1].max()) for t in (train, val, test))) + 1
-        return Domain(name, num_classes, TensorDataset(*train), TensorDataset(*val), TensorDataset(*test))
+        domain = opened(name)
+        train, val, test = domains_lib.build_domain(domain, seed, train_tf, eval_tf, augment)
+        return Domain(name, len(domain.class_names), train, val, test)
 
-    return names, make
+    return list(by_name), make
 
 
 def load_spec(args) -> Spec:
     source, processor = load_backbone(args)
     source.requires_grad_(False)
     targets, head = default_targets(source, args)
-    if args.dataset == "demo":
+    if args.dataset == "demo" and not domains_lib.is_domains_file(args.domains):
         from ftn_peft.demo import digits
 
         # Three domains keep the default run within minutes on a laptop CPU; --domains adds the others.
@@ -209,7 +186,7 @@ def load_spec(args) -> Spec:
 
         make = digits.make_domain
     else:
-        names, make = hf_domain_maker(args, processor)
+        names, make = streamed_domain_maker(args, source, processor)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in source.modules())
     spec = Spec(source, targets, head, names, make, has_bn, backbone_parameters(source, head))
     if args.backbone == "demo":

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help='[recipe] "demo", a timm name (or timm "local-dir:<path>"), a HF '
                    'model id or a local save_pretrained dir')
     p.add_argument("--dataset", default="demo", help='"demo", a datasets name, or a dir with one imagefolder per domain')
-    p.add_argument("--domains", default=None, help="comma-separated; default: the demo's domains / every subdir")
+    p.add_argument("--domains", default=None, help="a domains file (.yaml / .json: each domain's source, columns and "
+                   "splits; docs/data.md), or a comma list of --dataset's domains; default: the demo's / every subdir")
     p.add_argument("--methods", default=None, help=f"[recipe] comma-separated, from {list(baselines.METHODS)}")
     p.add_argument("--ranks", default=None, help="[recipe] FTN ranks, comma-separated")
     p.add_argument("--lora_rank", type=int, default=1)
@@ -99,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target_modules", default=None, help="FTN/LoRA targets: a comma list of layer names or a regex (default: presets for ResNets and CLIP, else "
                    "ftn_peft.auto_config)")
     p.add_argument("--head_module", default=None, help="name of the classifier Linear (default: found automatically)")
-    p.add_argument("--image_size", type=int, default=224, help="for non-demo data without a processor")
+    p.add_argument("--image_size", type=int, default=None, help="input size for non-demo data (default: the model's "
+                   "own, from timm's pretrained_cfg or the image processor; 224 without either)")
+    p.add_argument("--backbone_weights", default=None, help="a local weights file for a timm --backbone (offline)")
+    p.add_argument("--no_augment", action="store_true", help="no random resized crop / flip when training")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--output_dir", default="outputs/train_multidomain", help="ignored by git")
     p.add_argument("--cache_dir", default=None, help="where the demo's source model is cached")

@@ -10,9 +10,13 @@ The optimizer is the paper's recipe from `ftn_peft.optim`, handed over with `opt
     python examples/trainer_clip.py --timm resnet50     # a pretrained timm model (Hub access)
 
 The small random CLIP and the demo ResNet are shaped for the 16x16 one-channel digits and take them as they are.
-A real model expects its own input size, channels and normalisation: with `--model` the digits go through the
-model's own image processor (`AutoImageProcessor`), with `--timm NAME` through timm's transform for the model
-(`resolve_data_config` + `create_transform`), applied lazily per batch (`datasets`' `with_transform`).
+A real model expects its own input size, channels and normalisation: with `--model` the images go through the
+model's own image processor settings (`AutoImageProcessor`: size, crop, mean/std), with `--timm NAME` through
+timm's transform for the model (`resolve_data_config` + `create_transform`), applied lazily per batch. Real data
+comes from a domains file, through the training script's data layer (examples/domains.py, image_data.py): images
+are read and transformed by DataLoader workers, with random resized crops and flips for training:
+
+    python examples/trainer_clip.py --model openai/clip-vit-base-patch32 --domains domains.yaml --domain flowers
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from ftn_peft import optim
 from ftn_peft.demo import digits
 from ftn_peft.metrics import load_accuracy
 
-import multidomain_data as data_lib  # the training script's choice of targets (examples/ is on sys.path)
+import domains as domains_lib  # noqa: E402  (examples/ is on sys.path)
+import image_data  # noqa: E402
+import multidomain_data as data_lib  # the training script's choice of targets
 
 
 def small_clip(num_labels: int = 10, num_channels: int = 1, image_size: int = digits.IMAGE_SIZE):
@@ -126,30 +132,58 @@ def images_of(data):
 
 
 def image_processor_for(name_or_dir: str):
-    """The model's own `AutoImageProcessor` (size, channels, mean/std), as a function of a list of PIL images."""
+    """The evaluation transform of one PIL image made from the model's own `AutoImageProcessor` (size, crop,
+    resampling, mean/std), as the training script builds it (image_data.data_config)."""
     from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(name_or_dir)
-    return lambda images: processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    return image_data.transforms(image_data.data_config(processor=processor), augment=False)[1]
 
 
 def timm_transform_for(model):
-    """timm's evaluation transform for `model` (its input size, channels, mean/std), on a list of PIL images."""
-    from timm.data import create_transform, resolve_data_config
-
-    config = resolve_data_config({}, model=model)
-    transform = create_transform(**config)
-    mode = "RGB" if config["input_size"][0] == 3 else "L"
-    return lambda images: torch.stack([transform(im.convert(mode)) for im in images])
+    """timm's evaluation transform for `model` (its input size, crop, mean/std), on one PIL image."""
+    return image_data.transforms(image_data.data_config(model), augment=False)[1]
 
 
 def with_preprocessing(images, preprocess, input_name: str = "pixel_values"):
     """`images` with `preprocess` applied lazily, per batch as it is read: nothing preprocessed is stored."""
 
     def transform(batch):
-        return {input_name: preprocess(batch["image"]), "labels": torch.as_tensor(batch["labels"])}
+        return {input_name: torch.stack([preprocess(im.convert("RGB")) for im in batch["image"]]),
+                "labels": torch.as_tensor(batch["labels"])}
 
     return images.with_transform(transform)
+
+
+class Features(torch.utils.data.Dataset):
+    """An `image_data.Images` view as the Trainer's dict rows ({input_name: image, "labels": label})."""
+
+    def __init__(self, images, input_name: str = "pixel_values"):
+        self.images, self.input_name = images, input_name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, k):
+        x, y = self.images[k]
+        return {self.input_name: x, "labels": y}
+
+
+def open_named_domain(domains_file: str, name: str):
+    """Domain `name` of a domains file, opened (files listed, labels read; no image decoded)."""
+    sources = {s.name: s for s in domains_lib.load_file(domains_file)}
+    if name not in sources:
+        raise ValueError(f"--domain {name!r} is not in {domains_file}, which has {list(sources)}; pick one of them")
+    return domains_lib.open_source(sources[name])
+
+
+def domain_datasets(opened, config: dict, input_name: str = "pixel_values", augment: bool = True, seed: int = 0):
+    """(train, val) of an opened domain, streamed through the training script's data layer with a model's data
+    config (`image_data.data_config`): random resized crop + flip for training, the model's eval transform else."""
+    train_tf, eval_tf = image_data.transforms(config, augment)
+    train, val, _ = domains_lib.build_domain(opened, seed, train_tf, eval_tf, augment)
+    # train.seed stays None: the Trainer seeds its DataLoader workers per epoch (data_seed) itself
+    return Features(train, input_name), Features(val, input_name)
 
 
 def compute_metrics(eval_pred):
@@ -180,7 +214,10 @@ def main(argv=None) -> None:
                    help="a transformers image classifier (CLIP or any other) id or dir; default: a small random CLIP")
     p.add_argument("--timm", nargs="?", const="demo", default=None,
                    help="train a timm model instead of CLIP: alone, the demo's tiny ResNet; or a timm model name")
-    p.add_argument("--domain", default="rotated")
+    p.add_argument("--domains", default=None, help="a domains file (docs/data.md); default: the built-in digits")
+    p.add_argument("--domain", default="rotated", help="the domain to train: a digits domain or one of --domains")
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers for --domains images")
+    p.add_argument("--no_augment", action="store_true", help="no random resized crop / flip for --domains")
     p.add_argument("--max_steps", type=int, default=60)
     p.add_argument("--output_dir", default="outputs/trainer_clip")
     p.add_argument("--resume_from_checkpoint", default=None)
@@ -188,17 +225,39 @@ def main(argv=None) -> None:
                    help="layers to adapt: a comma list of names / suffixes, or one regex (default: found by auto_config)")
     p.add_argument("--head_module", default=None, help="the classifier to give each adapter (default: found)")
     args = p.parse_args(argv)
-    model, input_name, preprocess = build(args.model, args.timm, args.target_modules, args.head_module)
+    if args.domains and not (args.model or (args.timm and args.timm != "demo")):
+        p.error("--domains needs a model for real images: --model ID_OR_DIR or --timm NAME")
+    opened = open_named_domain(args.domains, args.domain) if args.domains else None
+    num_labels = len(opened.class_names) if opened else 10
+    model, input_name, preprocess = build(args.model, args.timm, args.target_modules, args.head_module, num_labels)
     model.print_trainable_parameters()
-    train, val = datasets_for(args.domain, input_name=input_name, preprocess=preprocess)
+    overrides = {}
+    if opened:
+        config = data_config_for(model, args.model)
+        train, val = domain_datasets(opened, config, input_name, augment=not args.no_augment)
+        overrides = dict(dataloader_num_workers=args.num_workers)
+    else:
+        train, val = datasets_for(args.domain, input_name=input_name, preprocess=preprocess)
     trainer = make_trainer(model, train, val, args.output_dir, max_steps=args.max_steps,
-                           timm_model=args.timm is not None)
+                           timm_model=args.timm is not None, **overrides)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     print(trainer.evaluate())
     model.save_pretrained(f"{args.output_dir}/best_adapter")
 
 
-def build(model_name=None, timm_name=None, target_modules=None, head_module=None):
+def data_config_for(model, model_name=None) -> dict:
+    """The data config of a built model: its image processor's (--model) or timm's pretrained_cfg (--timm)."""
+    if model_name is not None:
+        from transformers import AutoImageProcessor
+
+        try:
+            return image_data.data_config(processor=AutoImageProcessor.from_pretrained(model_name))
+        except (OSError, ValueError):  # a save_pretrained dir without preprocessor_config.json
+            return image_data.data_config()
+    return image_data.data_config(model.base_model.model.model)
+
+
+def build(model_name=None, timm_name=None, target_modules=None, head_module=None, num_labels: int = 10):
     """(FTN model, name of its input column, preprocessing or None) for the command-line choices.
 
     `--model` takes a CLIP (the paper's output-projection preset) or any other transformers image classifier, whose
@@ -206,16 +265,17 @@ def build(model_name=None, timm_name=None, target_modules=None, head_module=None
     the found ones (for timm models too).
     """
     if timm_name == "demo" and not (target_modules or head_module):
-        return ftn_timm(), "x", None
+        return ftn_timm(num_labels), "x", None
     if timm_name is not None:
-        model = timm_classifier(timm_name, target_modules, head_module)
+        model = timm_classifier(timm_name, target_modules, head_module, num_classes=num_labels)
         return model, "x", timm_transform_for(model.base_model.model.model)
     if model_name is None:
-        base = small_clip()
+        base = small_clip(num_labels)
     elif AutoConfig.from_pretrained(model_name).model_type == "clip":
-        base = CLIPForImageClassification.from_pretrained(model_name, num_labels=10)
+        base = CLIPForImageClassification.from_pretrained(model_name, num_labels=num_labels)
     else:
-        base = AutoModelForImageClassification.from_pretrained(model_name, num_labels=10, ignore_mismatched_sizes=True)
+        base = AutoModelForImageClassification.from_pretrained(model_name, num_labels=num_labels,
+                                                               ignore_mismatched_sizes=True)
     preprocess = None if model_name is None else image_processor_for(model_name)
     if base.config.model_type == "clip" and not (target_modules or head_module):
         return ftn_clip(base), "pixel_values", preprocess
