@@ -16,7 +16,7 @@ from .layer import LAYER_CLASSES, FTNLayer
 from .loading import check_adapter_state_dict
 from .peft_type import PREFIX
 from .routing import BASE_ADAPTER, MERGED_MESSAGE, FTNTunerLayer
-from .task_layers import TaskHead, TaskNorm, _SwappedModuleLayer
+from .task_layers import TaskHead, TaskNorm, _SwappedModuleLayer, head_outputs, output_layer
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # task_norms="all": timm's LayerNorm2d and transformers' ConvNext LayerNorm subclass nn.LayerNorm.
@@ -364,6 +364,16 @@ class FTNModel(BaseTuner):
 
     # --- loading ---------------------------------------------------------------------------------------
     @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # PEFT drops the adapter name only as the second-to-last key part; a task head may be a whole decoder, whose
+        # keys hold it right after the container at any depth. Without this, the file could only be loaded back
+        # under the adapter name it was saved with.
+        marker = f".{TaskHead.container_name}.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f".{TaskHead.container_name}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """PEFT's key remapping, then loading.check_adapter_state_dict: exactly this adapter's tensors, sane values."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
@@ -433,6 +443,12 @@ def _linear_of(module: nn.Module) -> Optional[nn.Linear]:
     return base if isinstance(base, nn.Linear) else None
 
 
+def _head_of(module: nn.Module) -> Optional[nn.Module]:
+    """``module`` (a TaskHead's base) if it can be a task head: a Linear, or a module ending in a Linear / Conv."""
+    base = module.base_layer if isinstance(module, TaskHead) else module
+    return base if output_layer(base) is not None else None
+
+
 def _output_layers(model: nn.Module) -> list[str]:
     """The layers whose outputs are the model's outputs: the only ones a head of another size may replace."""
     found = []
@@ -448,7 +464,7 @@ def _output_layers(model: nn.Module) -> list[str]:
             pass
     by_id = {id(m): n for n, m in model.named_modules()}
     for module in candidates:
-        if isinstance(module, nn.Module) and _linear_of(module) is not None and id(module) in by_id:
+        if isinstance(module, nn.Module) and _head_of(module) is not None and id(module) in by_id:
             found.append(by_id[id(module)])
     if not found:  # any other model: its last Linear layer
         linears = [
@@ -472,17 +488,18 @@ def _resolve_head(model: nn.Module, config: FTNConfig) -> str:
             f"head_module={config.head_module!r} matches {found}; it must name exactly one module, e.g. {valid}"
         )
     name = matches[0]
-    linear = _linear_of(model.get_submodule(name))
-    if linear is None:
+    head = _head_of(model.get_submodule(name))
+    if head is None:
         raise TypeError(
             f"head_module={config.head_module!r} names {name!r}, a {type(model.get_submodule(name)).__name__}; it "
-            f"must name an nn.Linear classifier, e.g. {_output_layers(model)} (wrap other heads with modules_to_save)"
+            f"must name an nn.Linear classifier or a decoder whose last Linear / Conv layer is its output layer, "
+            f"e.g. {_output_layers(model)} (wrap other heads with modules_to_save)"
         )
-    if config.head_num_outputs not in (None, linear.out_features):
+    if config.head_num_outputs not in (None, head_outputs(head)):
         valid = _output_layers(model)
         if name not in valid:
             raise ValueError(
-                f"head_module={config.head_module!r} names {name!r}, a middle layer with {linear.out_features} "
+                f"head_module={config.head_module!r} names {name!r}, a middle layer with {head_outputs(head)} "
                 f"outputs; head_num_outputs={config.head_num_outputs} would break the layers after it. A head of "
                 f"another size must be the model's output layer: {valid}"
             )

@@ -24,6 +24,17 @@ def _float_dtype(module: nn.Module) -> Optional[torch.dtype]:
     return next((t.dtype for t in chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
 
 
+def _rows_of(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """``value`` with every tensor whose first dimension is the batch cut to ``rows`` (inside tuples, lists, dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_of(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows_of(v, rows, batch) for k, v in value.items()}
+    return value
+
+
 class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
     """A frozen base module and, per adapter, a whole replacement module of its own."""
 
@@ -86,7 +97,16 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
-            return self._route(x, adapter_names, self._run_routed)
+            if not args and not kwargs:
+                return self._route(x, adapter_names, self._run_routed)
+            # Several inputs (a decoder's skip features): route the row numbers, and give every adapter its rows of
+            # each batched input.
+            batch = x.shape[0]
+
+            def run(rows: torch.Tensor, adapter: Optional[str]) -> torch.Tensor:
+                return self._run(adapter, x[rows], *_rows_of(args, rows, batch), **_rows_of(kwargs, rows, batch))
+
+            return self._route(torch.arange(batch, device=x.device), adapter_names, run)
         return self._run(self._selected(), x, *args, **kwargs)
 
     def _run_routed(self, x: torch.Tensor, adapter: Optional[str]) -> torch.Tensor:
@@ -147,10 +167,16 @@ class TaskNorm(_SwappedModuleLayer):
 
 
 class TaskHead(_SwappedModuleLayer):
-    """A classifier replaced, per adapter, by a task head with that task's number of outputs.
+    """A task head replaced, per adapter, by a copy with that task's number of outputs.
 
-    In a mixed batch whose adapters' heads differ in size, the output is a list with one 1-d (or per-token) tensor
-    per sample, in batch order; where all sizes match it is one tensor.
+    The head is an ``nn.Linear`` classifier or any module whose output layer (its last registered ``nn.Linear`` /
+    ``nn.Conv1d/2d/3d``) sets its number of outputs, such as a whole dense decoder. A task with another number of
+    outputs gets a copy of the base head whose output layer is a fresh one of the same kind with that many outputs;
+    everything else starts from the base head's weights. A decoder may take several batched inputs (skip
+    features): in a mixed batch every tensor argument is split by sample like ``x``.
+
+    In a mixed batch whose adapters' heads differ in size, the output is a list with one tensor per sample, in
+    batch order; where all sizes match it is one tensor.
     """
 
     container_name = "ftn_head"
@@ -159,30 +185,27 @@ class TaskHead(_SwappedModuleLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
         self.num_outputs: dict[str, int] = {}
-        if not isinstance(base_layer, nn.Linear):
+        if output_layer(base_layer) is None:
             raise TypeError(
-                f"head_module must name an nn.Linear classifier, got {type(base_layer).__name__}; "
-                "wrap other heads with modules_to_save instead"
+                f"head_module must name an nn.Linear classifier or a module whose last Linear / Conv layer is its "
+                f"output layer (a decoder), got {type(base_layer).__name__}, which holds neither; wrap other heads "
+                "with modules_to_save instead"
             )
         super().__init__(base_layer, adapter_name, **kwargs)
 
     def _in_out_features(self) -> tuple[int, int]:
-        return self.base_layer.in_features, self.base_layer.out_features
+        layer = output_layer(self.base_layer)[1]
+        return _inputs_of(layer), head_outputs(layer)
 
     def _new_module(self, num_outputs: Optional[int] = None) -> nn.Module:
-        base = self.base_layer
-        if num_outputs is None or num_outputs == base.out_features:
-            return copy.deepcopy(base)
-        return nn.Linear(
-            base.in_features, num_outputs, bias=base.bias is not None, device=base.weight.device, dtype=base.weight.dtype
-        )
+        return resized_head(self.base_layer, num_outputs)
 
     def update_layer(self, adapter_name: str, inference_mode: bool = False, num_outputs: Optional[int] = None) -> None:
         super().update_layer(adapter_name, inference_mode=inference_mode, num_outputs=num_outputs)
-        self.num_outputs[adapter_name] = self.modules_by_adapter[adapter_name].out_features
+        self.num_outputs[adapter_name] = head_outputs(self.modules_by_adapter[adapter_name])
 
     def _route(self, x, adapter_names, run):
-        sizes = {self._module_for(a if a in self.modules_by_adapter else None).out_features for a in adapter_names}
+        sizes = {head_outputs(self._module_for(a if a in self.modules_by_adapter else None)) for a in adapter_names}
         if len(sizes) == 1:
             return super()._route(x, adapter_names, run)
         check_batch(adapter_names, x.shape[0], self.merged)
@@ -190,3 +213,53 @@ class TaskHead(_SwappedModuleLayer):
 
     def __repr__(self) -> str:
         return "ftn." + super().__repr__()
+
+
+_OUTPUT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def output_layer(head: nn.Module) -> Optional[tuple[str, nn.Module]]:
+    """``(name, layer)`` of the layer that sets a head's number of outputs: the head itself when it is a Linear /
+    Conv, else its last registered Linear / Conv (register a decoder's classifier last); None if it has none."""
+    found = None
+    for name, module in head.named_modules():
+        if isinstance(module, _OUTPUT_LAYER_TYPES):
+            found = (name, module)
+    return found
+
+
+def head_outputs(head: nn.Module) -> int:
+    """Number of outputs (features or channels) of a head."""
+    layer = output_layer(head)[1]
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _inputs_of(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def resized_head(head: nn.Module, num_outputs: Optional[int]) -> nn.Module:
+    """A copy of ``head``; with another ``num_outputs``, its output layer is a fresh layer of that size."""
+    new = copy.deepcopy(head)
+    if num_outputs is None or num_outputs == head_outputs(head):
+        return new
+    name, layer = output_layer(new)
+    weight = layer.weight
+    if isinstance(layer, nn.Linear):
+        fresh = nn.Linear(layer.in_features, num_outputs, bias=layer.bias is not None)
+    else:
+        if layer.groups != 1:
+            raise ValueError(
+                f"the output layer {name or type(head).__name__!r} of the head is a grouped conv (groups="
+                f"{layer.groups}); a head of another size needs an ungrouped output conv"
+            )
+        fresh = type(layer)(
+            layer.in_channels, num_outputs, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, bias=layer.bias is not None, padding_mode=layer.padding_mode,
+        )
+    fresh = fresh.to(device=weight.device, dtype=weight.dtype)
+    if not name:
+        return fresh
+    parent_name, _, child = name.rpartition(".")
+    setattr(new.get_submodule(parent_name) if parent_name else new, child, fresh)
+    return new

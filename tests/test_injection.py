@@ -65,12 +65,12 @@ def _assert_same(before, after):
 # Each fails half-way without the validation / rollback: convs or BatchNorms are wrapped before the error.
 RESNET_FAILURES = [
     (dict(target_modules=["conv1", "conv2"], head_module="fc", rank_pattern={"layer9.0.conv1": 2}), ValueError),
-    (dict(target_modules=["conv1", "conv2"], head_module="layer4.0.conv2"), TypeError),
+    (dict(target_modules=["conv1", "conv2"], head_module="layer4.0.act1"), TypeError),
     (dict(target_modules=r".*(conv\d|act1)"), TypeError),  # ReLU comes after the stem conv was wrapped
     (dict(target_modules=r".*(conv\d|bn1)"), ValueError),  # a BatchNorm, already a task BatchNorm
     (dict(target_modules=["conv1", "fc"], head_module="fc"), ValueError),
     (dict(target_modules=["conv2"], head_module="fc", modules_to_save=["layer4"]), ValueError),
-    (dict(target_modules=["conv2"], head_module="layer4.0.conv2"), TypeError),
+    (dict(target_modules=["conv2"], head_module="layer4.0.act1"), TypeError),
 ]
 
 

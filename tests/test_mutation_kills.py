@@ -154,6 +154,7 @@ def test_an_adapter_without_task_bn_or_head_runs_on_the_base_ones(images):
 
 
 def test_a_non_linear_head_is_refused_with_the_alternative():
-    with pytest.raises(TypeError, match=r"head_module must name an nn.Linear classifier, got Conv2d; "
+    with pytest.raises(TypeError, match=r"head_module must name an nn.Linear classifier or a module whose last "
+                       r"Linear / Conv layer is its output layer \(a decoder\), got ReLU, which holds neither; "
                        r"wrap other heads with modules_to_save instead"):
-        TaskHead(nn.Conv2d(3, 3, 1), "a")
+        TaskHead(nn.ReLU(), "a")
