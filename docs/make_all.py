@@ -26,6 +26,7 @@ Timings are only meaningful on an otherwise idle machine: the benchmarks say so 
 | serving | benchmarks/bench_serving.py | serving_bench.json, serving.png |
 | bench_data | benchmarks/bench_data.py (streamed data: peak RSS, loader speed) | bench_data_cpu.{md,json} |
 | zoo | benchmarks/zoo_table.py | zoo.md |
+| dense | examples/train_dense.py (3 seeds) | dense_results.md, dense_predictions.png |
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ JOBS = [
     Job("bench_data", "benchmarks/bench_data.py", ["--repeats", "7", "--out", "{out}"],
         ["--small", "40", "--large", "80", "--classes", "4", "--speed_images", "40", "--repeats", "1"],
         ["bench_data_cpu.md", "bench_data_cpu.json"]),
+    Job("dense", "examples/train_dense.py", ["--output_dir", "{work}"],
+        ["--seeds", "0", "--ranks", "1", "--epochs", "1", "--train_size", "8", "--test_size", "4", "--batch_size", "4",
+         "--image_size", "32", "--source_scenes", "8", "--source_epochs", "1", "--cache_dir", "{work}/../cache"],
+        ["dense_results.md", "dense_predictions.png"],
+        {"results.md": "dense_results.md", "predictions.png": "dense_predictions.png"}),
 ]
 
 
