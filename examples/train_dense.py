@@ -315,6 +315,7 @@ def main(argv=None):
     out = Path(args.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "results.jsonl").unlink(missing_ok=True)
     with accelerator.main_process_first():  # the main process trains and caches the demo's source encoder
         source = source_model(args, args.seeds[0])
     results, pictures = [], {}
@@ -339,14 +340,15 @@ def main(argv=None):
             if shown:
                 pictures[label] = shown
             accelerator.print(f"seed {seed} {label}: " + ", ".join(f"{t} {v:.4f}" for t, v in scores.items())
-                              + f" ({time.time() - t0:.0f} s)")
+                              + f" ({time.time() - t0:.0f} s)", flush=True)
+            if accelerator.is_main_process:  # kept as it comes, so that an interrupted run keeps what it measured
+                with open(out / "results.jsonl", "a") as f:
+                    f.write(json.dumps(results[-1]) + "\n")
         if seed == args.seeds[0] and accelerator.is_main_process and args.show and args.dataset == "demo":
             draw(out / "predictions.png", args.tasks, data[1], pictures)
     if accelerator.is_main_process:
         text = table(results, args, encoder_params(source))
         (out / "results.md").write_text(text + "\n")
-        with open(out / "results.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
         print(text)
         print(f"\nwall time {time.time() - start:.0f} s; outputs in {out}/")
     accelerator.end_training()
