@@ -1,4 +1,6 @@
-"""Choosing how an adapted forward is computed: materialized (W + ΔW, one base op) or factorized (small ops).
+"""Choosing how an adapted forward is computed: materialized (W + ΔW, one base op) or factorized (small ops),
+and for k×k convs, which small-op path: three ops (1×1 down, depthwise k×k, 1×1 up) or two (a k×k conv down with
+the kernel built from the factors, 1×1 up).
 
 `compute="auto"` decides per call from the shapes with the cost model below; docs/design.md explains it and
 docs/benchmarks.md has the measured consequences.
@@ -72,6 +74,42 @@ def factorized_cost_ratio(per_position: float, size: float, positions: float, r:
     return per_position * positions / ((r + 1) * size)
 
 
+# Time of the two-op minus the three-op path of a k×k conv delta (µs per call; > 0: three ops are faster), linear
+# in (1, N, M2, M3): N images in the batch, M2 = r·Cin·k·P_out MACs of the two-op k×k down conv, M3 = r·Cin·P_in +
+# g·r·k·P_out of the three-op 1×1 down and depthwise convs (M in millions, P = images × pixels). Least squares
+# over the 36 conv shapes and ranks of `python benchmarks/calibrate_conv_paths.py` (thread CPU time, 1 thread,
+# this project's 2-core CPU; docs/benchmarks.md), forward + backward ("train") and forward only ("infer"). The
+# measurements, not the FLOPs, decide: the k×k conv down has ~k² times the MACs of the 1×1 + depthwise pair it
+# replaces, yet wins on many small images, because the three-op path pays a fixed cost per image
+# (the N coefficient: ~15 µs per image in training).
+# Calibrated on CPU only: on other devices the three-op path (the one used before the two-op path existed) is kept
+# until `calibrate_conv_paths.py --device cuda` provides a fit.
+TWO_OP_FIT = {
+    "train": (387.87, -17.134, 3.622, 93.47),
+    "infer": (71.474, -3.514, 12.284, -47.001),
+}
+
+
+def conv_two_op_features(r: int, dims: tuple[int, ...], base: nn.Module, x: torch.Tensor) -> tuple[float, ...]:
+    """(1, N, M2, M3) of `TWO_OP_FIT` for one call of a conv with factor dims (k, Cin/g, Cout) on input x."""
+    k, cin_g, _ = dims
+    g = base.groups
+    images = x.shape[0] if x.dim() == len(base.kernel_size) + 2 else 1
+    p_in = x.numel() / (cin_g * g)
+    p_out = p_in / math.prod(base.stride)
+    m2 = r * cin_g * g * k * p_out
+    m3 = r * cin_g * g * p_in + g * r * k * p_out
+    return 1.0, float(images), m2 / 1e6, m3 / 1e6
+
+
+def conv_two_op_delta_us(r: int, dims: tuple[int, ...], base: nn.Module, x: torch.Tensor, needs_grad: bool) -> float:
+    """Predicted two-op minus three-op time in µs (negative: the two-op path is faster); +inf off the CPU."""
+    if x.device.type != "cpu":
+        return math.inf
+    coef = TWO_OP_FIT["train" if needs_grad else "infer"]
+    return sum(c * f for c, f in zip(coef, conv_two_op_features(r, dims, base, x)))
+
+
 class ComputePathMixin:
     """The per-call choice for an FTN layer; the layer kinds say how to count positions and extra MACs."""
 
@@ -90,7 +128,7 @@ class ComputePathMixin:
     def _use_factorized(self, adapter: str, x: Optional[torch.Tensor] = None) -> bool:
         mode = self.compute[adapter]
         if mode != "auto":
-            return mode == "factorized"
+            return mode != "materialized"
         # Decided per call from the shapes (guards under torch.compile): small batches / late low-resolution
         # layers favour the small ops, big activations without gradients favour building W + ΔW once.
         needs_grad = torch.is_grad_enabled() and self.ftn_a[adapter].requires_grad
@@ -103,4 +141,24 @@ class ComputePathMixin:
             if len(self._path_cache) > 1024:  # many sequence lengths: start over rather than grow without bound
                 self._path_cache.clear()
             choice = self._path_cache[key] = self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
+        return choice
+
+    def _use_two_op(self, adapter: str, x: torch.Tensor) -> bool:
+        """For a k×k conv on the small-op path: two ops (built kernel) rather than three, per `TWO_OP_FIT`."""
+        mode = self.compute[adapter]
+        if mode in ("two_op", "three_op"):
+            return mode == "two_op"
+        dims = self.factor_dims(adapter)
+        if dims[0] == 1:
+            return True  # a 1-element kernel always folds its spatial scalar (functional.conv_delta)
+        needs_grad = torch.is_grad_enabled() and self.ftn_a[adapter].requires_grad
+        if torch.compiler.is_compiling():
+            return conv_two_op_delta_us(self.r[adapter], dims, self.get_base_layer(), x, needs_grad) < 0.0
+        key = ("two_op", adapter, self.r[adapter], x.shape, needs_grad)
+        choice = self._path_cache.get(key)
+        if choice is None:
+            if len(self._path_cache) > 1024:
+                self._path_cache.clear()
+            delta = conv_two_op_delta_us(self.r[adapter], dims, self.get_base_layer(), x, needs_grad)
+            choice = self._path_cache[key] = delta < 0.0
         return choice
