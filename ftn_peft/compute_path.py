@@ -74,40 +74,62 @@ def factorized_cost_ratio(per_position: float, size: float, positions: float, r:
     return per_position * positions / ((r + 1) * size)
 
 
-# Time of the two-op minus the three-op path of a k×k conv delta (µs per call; > 0: three ops are faster), linear
-# in (1, N, M2, M3): N images in the batch, M2 = r·Cin·k·P_out MACs of the two-op k×k down conv, M3 = r·Cin·P_in +
-# g·r·k·P_out of the three-op 1×1 down and depthwise convs (M in millions, P = images × pixels). Least squares
-# over the 36 conv shapes and ranks of `python benchmarks/calibrate_conv_paths.py` (thread CPU time, 1 thread,
-# this project's 2-core CPU; docs/benchmarks.md), forward + backward ("train") and forward only ("infer"). The
-# measurements, not the FLOPs, decide: the k×k conv down has ~k² times the MACs of the 1×1 + depthwise pair it
-# replaces, yet wins on many small images, because the three-op path pays a fixed cost per image
-# (the N coefficient: ~15 µs per image in training).
-# Calibrated on CPU only: on other devices the three-op path (the one used before the two-op path existed) is kept
-# until `calibrate_conv_paths.py --device cuda` provides a fit.
-TWO_OP_FIT = {
-    "train": (387.87, -17.134, 3.622, 93.47),
-    "infer": (71.474, -3.514, 12.284, -47.001),
+# The k×k and 1×1 conv paths on CPU, chosen from measured times, not from FLOPs alone. Two linear fits of a time
+# difference (µs per call of the whole adapted layer, forward + backward "train" or no_grad forward "infer"):
+# - "two_op": two-op minus three-op, on (1, N, M2, M3): N images, M2 = r·Cin·k·P_out MACs of the two-op k×k down
+#   conv, M3 = r·Cin·P_in + g·r·k·P_out of the three-op 1×1 down and depthwise convs (millions; P = images × pixels);
+# - "materialized": W + ΔW minus the better small-op path, on (1, N, Mw, Mb, Ms): Mw = |W|·P_out (the dense weight
+#   gradient, and the base op), Mb = r·|W| (building ΔW), Ms = the small-op path's MACs (millions).
+# Least squares over the conv shapes × r = 1, 4, 16 of `python benchmarks/calibrate_conv_paths.py` (thread CPU
+# time, 1 thread, this project's 2-core CPU; table and fit in docs/benchmarks.md). What the fits encode: the
+# three-op path pays a fixed cost per image (its depthwise conv), so the two-op path wins on batches of many small
+# images although its k×k conv has ~k² times the MACs of the 1×1 it replaces; and on narrow layers one dense conv
+# (W + ΔW, with its weight gradient) beats three or four overhead-bound small ops, although it has more FLOPs.
+# Without gradients materializing stays the FLOP rule's call (`factorized_cost_ratio`: build W + ΔW once against
+# work at every output position), which the measurements agree with. Calibrated on CPU only: on other devices the
+# FLOP rule and the three-op path (the behaviour before the two-op path existed) are kept.
+CONV_PATH_FIT = {
+    "two_op": {"train": (11.928, -6.257, 48.595, 91.842), "infer": (14.03, -3.198, 18.004, -55.0)},
+    "materialized": {"train": (-540.185, -4.519, 195.915, 621.116, -1790.285)},
 }
 
 
-def conv_two_op_features(r: int, dims: tuple[int, ...], base: nn.Module, x: torch.Tensor) -> tuple[float, ...]:
-    """(1, N, M2, M3) of `TWO_OP_FIT` for one call of a conv with factor dims (k, Cin/g, Cout) on input x."""
-    k, cin_g, _ = dims
+def conv_path_features(r: int, dims: tuple[int, ...], base: nn.Module, x: torch.Tensor) -> dict[str, tuple]:
+    """The features of `CONV_PATH_FIT` for one call of a conv with factor dims (k, Cin/g, Cout) on input x."""
+    k, cin_g, cout = dims
     g = base.groups
     images = x.shape[0] if x.dim() == len(base.kernel_size) + 2 else 1
     p_in = x.numel() / (cin_g * g)
     p_out = p_in / math.prod(base.stride)
     m2 = r * cin_g * g * k * p_out
     m3 = r * cin_g * g * p_in + g * r * k * p_out
-    return 1.0, float(images), m2 / 1e6, m3 / 1e6
+    small = (m2 if k == 1 else min(m2, m3)) + r * cout * p_out
+    size = k * cin_g * cout
+    return {"two_op": (1.0, float(images), m2 / 1e6, m3 / 1e6),
+            "materialized": (1.0, float(images), size * p_out / 1e6, r * size / 1e6, small / 1e6)}
 
 
-def conv_two_op_delta_us(r: int, dims: tuple[int, ...], base: nn.Module, x: torch.Tensor, needs_grad: bool) -> float:
-    """Predicted two-op minus three-op time in µs (negative: the two-op path is faster); +inf off the CPU."""
+def conv_path(r: int, dims: tuple[int, ...], base: nn.Module, x: torch.Tensor, needs_grad: bool) -> Optional[str]:
+    """"three_op", "two_op" or "materialized" by `CONV_PATH_FIT`; None where it is not calibrated (off the CPU)."""
     if x.device.type != "cpu":
-        return math.inf
-    coef = TWO_OP_FIT["train" if needs_grad else "infer"]
-    return sum(c * f for c, f in zip(coef, conv_two_op_features(r, dims, base, x)))
+        return None
+    if base.padding_mode != "zeros":
+        return "materialized"  # keeps the rule of conv_extra_macs: no pre-padding copy of the input per call
+    features = conv_path_features(r, dims, base, x)
+    if needs_grad:
+        materialize = _fit(CONV_PATH_FIT["materialized"]["train"], features["materialized"]) < 0.0
+    else:
+        per_position, size = conv_extra_macs(r, dims, base)
+        materialize = factorized_cost_ratio(per_position, size, conv_positions(x, base), r, False) >= 1.0
+    if materialize:
+        return "materialized"
+    mode = "train" if needs_grad else "infer"
+    two = dims[0] == 1 or _fit(CONV_PATH_FIT["two_op"][mode], features["two_op"]) < 0.0
+    return "two_op" if two else "three_op"
+
+
+def _fit(coef: tuple, features: tuple) -> float:
+    return sum(c * f for c, f in zip(coef, features))
 
 
 class ComputePathMixin:
@@ -129,36 +151,37 @@ class ComputePathMixin:
         mode = self.compute[adapter]
         if mode != "auto":
             return mode != "materialized"
+        return self._auto_path(adapter, x) != "materialized"
+
+    def _use_two_op(self, adapter: str, x: torch.Tensor) -> bool:
+        """For a conv on the small-op path: two ops (k×k kernel built from the factors, 1×1 up) or three."""
+        mode = self.compute[adapter]
+        if mode in ("two_op", "three_op"):
+            return mode == "two_op"
+        return self._auto_path(adapter, x) == "two_op"
+
+    def _auto_path(self, adapter: str, x: Optional[torch.Tensor]) -> str:
+        """"materialized", "two_op" or "three_op" ("factorized" where the small ops have one form), per shape."""
         # Decided per call from the shapes (guards under torch.compile): small batches / late low-resolution
         # layers favour the small ops, big activations without gradients favour building W + ΔW once.
         needs_grad = torch.is_grad_enabled() and self.ftn_a[adapter].requires_grad
         if x is None or torch.compiler.is_compiling():
-            return self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
+            return self._choose_path(adapter, x, needs_grad)
         # The cost model is pure Python arithmetic, ~15 µs a call: as much as a small op. Remember it per shape.
-        key = (adapter, self.r[adapter], x.shape, needs_grad)
+        key = (adapter, self.r[adapter], x.shape, x.device.type, needs_grad)
         choice = self._path_cache.get(key)
         if choice is None:
             if len(self._path_cache) > 1024:  # many sequence lengths: start over rather than grow without bound
                 self._path_cache.clear()
-            choice = self._path_cache[key] = self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
+            choice = self._path_cache[key] = self._choose_path(adapter, x, needs_grad)
         return choice
 
-    def _use_two_op(self, adapter: str, x: torch.Tensor) -> bool:
-        """For a k×k conv on the small-op path: two ops (built kernel) rather than three, per `TWO_OP_FIT`."""
-        mode = self.compute[adapter]
-        if mode in ("two_op", "three_op"):
-            return mode == "two_op"
-        dims = self.factor_dims(adapter)
-        if dims[0] == 1:
-            return True  # a 1-element kernel always folds its spatial scalar (functional.conv_delta)
-        needs_grad = torch.is_grad_enabled() and self.ftn_a[adapter].requires_grad
-        if torch.compiler.is_compiling():
-            return conv_two_op_delta_us(self.r[adapter], dims, self.get_base_layer(), x, needs_grad) < 0.0
-        key = ("two_op", adapter, self.r[adapter], x.shape, needs_grad)
-        choice = self._path_cache.get(key)
-        if choice is None:
-            if len(self._path_cache) > 1024:
-                self._path_cache.clear()
-            delta = conv_two_op_delta_us(self.r[adapter], dims, self.get_base_layer(), x, needs_grad)
-            choice = self._path_cache[key] = delta < 0.0
-        return choice
+    def _choose_path(self, adapter: str, x: Optional[torch.Tensor], needs_grad: bool) -> str:
+        base = self.get_base_layer()
+        if x is not None and isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            measured = conv_path(self.r[adapter], self.factor_dims(adapter), base, x, needs_grad)
+            if measured is not None:
+                return measured
+        if self._factorized_cost_ratio(adapter, x, needs_grad) >= 1.0:
+            return "materialized"
+        return "factorized"

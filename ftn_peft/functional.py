@@ -116,7 +116,7 @@ def conv_delta(
 
     Three ops (CP convolution): 1×1 down, depthwise k×k, 1×1 up. With ``two_op`` (and always for 1-element
     kernels): the r × Cin/g × k kernel ``b ⊗ a`` is built first (r·Cin/g·k elements, a tiny op), then one k×k conv
-    down to r channels per group and a 1×1 up, the two ops LoRA runs. `compute_path.conv_two_op` chooses.
+    down to r channels per group and a 1×1 up, the two ops LoRA runs. `compute_path.conv_path` chooses.
     """
     a, b, c = factors  # (r, k²), (r, Cin/g), (r, Cout)
     r = a.shape[0]
