@@ -3,7 +3,7 @@
     python benchmarks/bench_widths.py                        # CPU grid, see --help for the reduced compile grid
     python benchmarks/bench_widths.py --device cuda --batch_size 64 --image_size 224
 
-Backbones (random weights): "resnet18-q", a quarter-width ResNet-18 (channels 16-32-64-128, 16-channel stem) at
+Backbones (random weights): "resnet18-q", a quarter-width ResNet-18 (16-channel stem, stages 16-32-64-128) at
 batch 32 and 32 px; "resnet18" and "resnet50" at batch 4 and 64 px (CPU sizes; --batch_size/--image_size
 override all three). Per backbone and execution mode ("eager", "channels_last", "compiled": torch.compile with
 inductor of the whole model, forward and backward, "compiled_cl": both) one interleaved run times the training
@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,12 @@ def build(name: str, image_size: int) -> C.Backbone:
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("resnet18", num_classes=C.NUM_CLASSES, channels=(16, 32, 64, 128), stem_width=16)
+    model = timm.create_model("resnet18", num_classes=C.NUM_CLASSES, channels=(16, 32, 64, 128))
+    # timm's plain stem is 64 channels whatever the widths: narrow it too, so that layer1 needs no projection.
+    model.conv1 = nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(16)
+    model.layer1[0].conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    model.layer1[0].downsample = None
     resnet = C.build_backbone("resnet18", image_size)  # the same targets, losses and LoRA extras
     resnet.name, resnet.model = name, model
     return resnet
