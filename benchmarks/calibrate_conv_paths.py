@@ -138,7 +138,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--inner", type=int, default=5)
     p.add_argument("--out", default=None, help=C.OUT_HELP)
     p.add_argument("--refit", default=None, help="a .json this script wrote: fit and tabulate its rows again")
