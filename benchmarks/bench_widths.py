@@ -1,11 +1,11 @@
 """FTN against LoRA and full fine-tuning across network widths, eager, channels_last and torch.compile.
 
     python benchmarks/bench_widths.py                        # CPU grid, see --help for the reduced compile grid
-    python benchmarks/bench_widths.py --device cuda --batch_size 64 --image_size 224
+    python benchmarks/bench_widths.py --device cuda        # GPU sizes: ¼-width at batch 256, 32 px; others 64, 224 px
 
 Backbones (random weights): "resnet18-q", a quarter-width ResNet-18 (16-channel stem, stages 16-32-64-128) at
-batch 32 and 32 px; "resnet18" and "resnet50" at batch 4 and 64 px (CPU sizes; --batch_size/--image_size
-override all three). Per backbone and execution mode ("eager", "channels_last", "compiled": torch.compile with
+batch 32 and 32 px; "resnet18" and "resnet50" at batch 4 and 64 px (CPU sizes; on CUDA 256 × 32 px and 64 × 224 px;
+--batch_size/--image_size override all three). Per backbone and execution mode ("eager", "channels_last", "compiled": torch.compile with
 inductor of the whole model, forward and backward, "compiled_cl": both) one interleaved run times the training
 step (forward, backward, Adam) of full fine-tuning, and of LoRA, FTN (`compute="auto"`) and FTN forced onto the
 three-op conv path at each r, and inference (no_grad, eval) of the base model, LoRA and FTN. Ratios are taken per
@@ -35,6 +35,7 @@ from bench_compute_paths import ftn_with_compute  # noqa: E402
 from ftn_peft import presets  # noqa: E402
 
 SIZES = {"resnet18-q": (32, 32), "resnet18": (4, 64), "resnet50": (4, 64)}
+GPU_SIZES = {"resnet18-q": (256, 32), "resnet18": (64, 224), "resnet50": (64, 224)}  # --device cuda
 MODES = ("eager", "channels_last", "compiled", "compiled_cl")
 
 
@@ -66,7 +67,7 @@ def prepare(m: C.Method, mode: str) -> tuple[torch.nn.Module, dict]:
 
 
 def run_backbone(args, name: str, mode: str) -> list[dict]:
-    batch, size = SIZES[name]
+    batch, size = (SIZES if args.device == "cpu" else GPU_SIZES)[name]
     batch, size = args.batch_size or batch, args.image_size or size
     backbone = build(name, size)
     x = backbone.make_input(batch, size).to(args.device)
@@ -178,8 +179,8 @@ def main(argv=None):
     cmd = "python benchmarks/bench_widths.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(HEADER, flush=True)
     rows = []
-    for name in args.backbones:
-        for mode in args.modes:
+    for mode in args.modes:  # the slow compiled modes last: what finishes first is the eager grid
+        for name in args.backbones:
             if mode.startswith("compiled") and name not in args.compile_backbones:
                 continue
             rows += run_backbone(args, name, mode)
