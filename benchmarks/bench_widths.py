@@ -13,7 +13,7 @@ repeat and given as median [IQR]. On CPU the clock is the process's thread CPU t
 thread; the machine may be shared, and CPU time does not count the time another process holds the core); on CUDA
 wall time with synchronisation.
 
-Writes widths_<device>.md and .json in --out (default outputs/bench_widths/).
+Writes widths_<device>.md and .json (--name changes the stem) in --out (default outputs/bench_widths/).
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--infer_repeats", type=int, default=7)
+    p.add_argument("--name", default="widths", help="file name stem: <name>_<device>.md / .json")
     p.add_argument("--out", default=None, help=C.OUT_HELP)
     return p.parse_args(argv)
 
@@ -189,7 +190,7 @@ def main(argv=None):
              f"{'thread CPU time' if args.device == 'cpu' else 'wall time'})")
     table = "\n".join([title, "", f"Command: `{cmd}` ({took:.0f} s).", "", HEADER] + [_line(r) for r in rows]) + "\n"
     out = C.output_dir(args.out, "bench_widths")
-    stem = os.path.join(out, f"widths_{args.device.split(':')[0]}")
+    stem = os.path.join(out, f"{args.name}_{args.device.split(':')[0]}")
     with open(stem + ".md", "w") as f:
         f.write(table)
     with open(stem + ".json", "w") as f:
