@@ -4,13 +4,10 @@ import json
 import os
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
-@pytest.mark.slow  # five quarter-width ResNet-18 copies with adapters, trained and timed: ~10 s on 2 idle cores
 def test_widths_benchmark_writes_every_ratio_for_every_rank_and_mode(tmp_path):
     import bench_widths as B
 
