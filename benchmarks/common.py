@@ -168,17 +168,18 @@ def infer(m: Method, backbone: Backbone, x: torch.Tensor) -> None:
     backbone.forward(m.model, x)
 
 
-def timed(fn: Callable[[], None], device: str, inner: int = 1) -> float:
-    """Seconds per call of fn, averaged over `inner` back-to-back calls."""
+def timed(fn: Callable[[], None], device: str, inner: int = 1, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds per call of fn, averaged over `inner` back-to-back calls (`clock`: wall time unless told)."""
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(inner):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / inner
+    return (clock() - start) / inner
 
 
-def interleaved(jobs: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str, inner: int = 1):
+def interleaved(jobs: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str, inner: int = 1,
+                clock: Callable[[], float] = time.perf_counter):
     """{name: [seconds per repeat]}; each repeat runs every job once, in a rotated order."""
     names = list(jobs)
     for _ in range(warmup):
@@ -188,7 +189,7 @@ def interleaved(jobs: dict[str, Callable[[], None]], repeats: int, warmup: int, 
     for i in range(repeats):
         shift = i % len(names)
         for n in names[shift:] + names[:shift]:
-            out[n].append(timed(jobs[n], device, inner))
+            out[n].append(timed(jobs[n], device, inner, clock))
     return out
 
 

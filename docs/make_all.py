@@ -22,6 +22,8 @@ Timings are only meaningful on an otherwise idle machine: the benchmarks say so 
 | analysis_convert | examples/analysis_demo.py --only convert --seeds 0 1 | analysis_results_convert.json |
 | bench_resnet50, bench_clip-qv, bench_clip-o | benchmarks/bench_train_infer.py | bench_<backbone>_cpu.{md,csv,json} |
 | compute_paths_resnet50, compute_paths_clip-qv | benchmarks/bench_compute_paths.py | compute_paths_<backbone>_cpu.md |
+| calibrate_conv_paths | benchmarks/calibrate_conv_paths.py | calibrate_conv_paths_cpu.{md,json} |
+| widths, widths_compiled | benchmarks/bench_widths.py | widths_cpu.{md,json}, widths_compiled_cpu.{md,json} |
 | scaling | benchmarks/bench_scaling.py | scaling_resnet18_cpu.{md,json,png} |
 | serving | benchmarks/bench_serving.py | serving_bench.json, serving.png |
 | bench_data | benchmarks/bench_data.py (streamed data: peak RSS, loader speed) | bench_data_cpu.{md,json} |
@@ -88,6 +90,14 @@ JOBS = [
           [f"bench_{b}_cpu.{ext}" for ext in ("md", "csv", "json")]) for b in ("resnet50", "clip-qv", "clip-o")],
     *[Job(f"compute_paths_{b}", "benchmarks/bench_compute_paths.py", ["--backbone", b, "--r", "4", "--out", "{out}"],
           ["--repeats", "1", "--infer_repeats", "1"], [f"compute_paths_{b}_cpu.md"]) for b in ("resnet50", "clip-qv")],
+    Job("calibrate_conv_paths", "benchmarks/calibrate_conv_paths.py", ["--out", "{out}"],
+        ["--repeats", "1", "--inner", "1"], ["calibrate_conv_paths_cpu.md", "calibrate_conv_paths_cpu.json"]),
+    Job("widths", "benchmarks/bench_widths.py", ["--modes", "eager", "channels_last", "--out", "{out}"],
+        ["--backbones", "resnet18-q", "--ranks", "1", "--repeats", "1", "--infer_repeats", "1"],
+        ["widths_cpu.md", "widths_cpu.json"]),
+    Job("widths_compiled", "benchmarks/bench_widths.py",
+        ["--backbones", "resnet18-q", "--modes", "compiled", "--name", "widths_compiled", "--out", "{out}"],
+        ["--repeats", "1", "--infer_repeats", "1"], ["widths_compiled_cpu.md", "widths_compiled_cpu.json"]),
     Job("scaling", "benchmarks/bench_scaling.py", ["--out", "{out}"],
         ["--ranks", "1", "2", "--adapter_counts", "1", "2", "--repeats", "1", "--image_size", "32"],
         [f"scaling_resnet18_cpu.{ext}" for ext in ("md", "json", "png")]),

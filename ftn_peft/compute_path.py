@@ -1,4 +1,6 @@
-"""Choosing how an adapted forward is computed: materialized (W + ΔW, one base op) or factorized (small ops).
+"""Choosing how an adapted forward is computed: materialized (W + ΔW, one base op) or factorized (small ops),
+and for k×k convs, which small-op path: three ops (1×1 down, depthwise k×k, 1×1 up) or two (a k×k conv down with
+the kernel built from the factors, 1×1 up).
 
 `compute="auto"` decides per call from the shapes with the cost model below; docs/design.md explains it and
 docs/benchmarks.md has the measured consequences.
@@ -72,6 +74,64 @@ def factorized_cost_ratio(per_position: float, size: float, positions: float, r:
     return per_position * positions / ((r + 1) * size)
 
 
+# The k×k and 1×1 conv paths on CPU, chosen from measured times, not from FLOPs alone. Two linear fits of a time
+# difference (µs per call of the whole adapted layer, forward + backward "train" or no_grad forward "infer"):
+# - "two_op": two-op minus three-op, on (1, N, M2, M3): N images, M2 = r·Cin·k·P_out MACs of the two-op k×k down
+#   conv, M3 = r·Cin·P_in + g·r·k·P_out of the three-op 1×1 down and depthwise convs (millions; P = images × pixels);
+# - "materialized": W + ΔW minus the better small-op path, on (1, N, Mw, Mb, Ms): Mw = |W|·P_out (the dense weight
+#   gradient, and the base op), Mb = r·|W| (building ΔW), Ms = the small-op path's MACs (millions).
+# Least squares over the conv shapes × r = 1, 4, 16 of `python benchmarks/calibrate_conv_paths.py` (thread CPU
+# time, 1 thread, this project's 2-core CPU; table and fit in docs/benchmarks.md). What the fits encode: the
+# three-op path pays a fixed cost per image (its depthwise conv), so the two-op path wins on batches of many small
+# images although its k×k conv has ~k² times the MACs of the 1×1 it replaces; and on narrow layers one dense conv
+# (W + ΔW, with its weight gradient) beats three or four overhead-bound small ops, although it has more FLOPs.
+# Without gradients materializing stays the FLOP rule's call (`factorized_cost_ratio`: build W + ΔW once against
+# work at every output position), which the measurements agree with. Calibrated on CPU only: on other devices the
+# FLOP rule and the three-op path (the behaviour before the two-op path existed) are kept.
+CONV_PATH_FIT = {
+    "two_op": {"train": (11.928, -6.257, 48.595, 91.842), "infer": (14.03, -3.198, 18.004, -55.0)},
+    "materialized": {"train": (-540.185, -4.519, 195.915, 621.116, -1790.285)},
+}
+
+
+def conv_path_features(r: int, dims: tuple[int, ...], base: nn.Module, x: torch.Tensor) -> dict[str, tuple]:
+    """The features of `CONV_PATH_FIT` for one call of a conv with factor dims (k, Cin/g, Cout) on input x."""
+    k, cin_g, cout = dims
+    g = base.groups
+    images = x.shape[0] if x.dim() == len(base.kernel_size) + 2 else 1
+    p_in = x.numel() / (cin_g * g)
+    p_out = p_in / math.prod(base.stride)
+    m2 = r * cin_g * g * k * p_out
+    m3 = r * cin_g * g * p_in + g * r * k * p_out
+    small = (m2 if k == 1 else min(m2, m3)) + r * cout * p_out
+    size = k * cin_g * cout
+    return {"two_op": (1.0, float(images), m2 / 1e6, m3 / 1e6),
+            "materialized": (1.0, float(images), size * p_out / 1e6, r * size / 1e6, small / 1e6)}
+
+
+def conv_path(r: int, dims: tuple[int, ...], base: nn.Module, x: torch.Tensor, needs_grad: bool) -> Optional[str]:
+    """"three_op", "two_op" or "materialized" by `CONV_PATH_FIT`; None where it is not calibrated (off the CPU)."""
+    if x.device.type != "cpu":
+        return None
+    if base.padding_mode != "zeros":
+        return "materialized"  # keeps the rule of conv_extra_macs: no pre-padding copy of the input per call
+    features = conv_path_features(r, dims, base, x)
+    if needs_grad:
+        materialize = _fit(CONV_PATH_FIT["materialized"]["train"], features["materialized"]) < 0.0
+    else:
+        per_position, size = conv_extra_macs(r, dims, base)
+        materialize = factorized_cost_ratio(per_position, size, conv_positions(x, base), r, False) >= 1.0
+    if materialize:
+        return "materialized"
+    mode = "train" if needs_grad else "infer"
+    two = dims[0] == 1 or _fit(CONV_PATH_FIT["two_op"][mode], features["two_op"]) < 0.0
+    return "two_op" if two else "three_op"
+
+
+def _fit(coef: tuple, features: tuple) -> float:
+    return sum(c * f for c, f in zip(coef, features))
+
+
 class ComputePathMixin:
     """The per-call choice for an FTN layer; the layer kinds say how to count positions and extra MACs."""
 
@@ -90,17 +150,38 @@ class ComputePathMixin:
     def _use_factorized(self, adapter: str, x: Optional[torch.Tensor] = None) -> bool:
         mode = self.compute[adapter]
         if mode != "auto":
-            return mode == "factorized"
+            return mode != "materialized"
+        return self._auto_path(adapter, x) != "materialized"
+
+    def _use_two_op(self, adapter: str, x: torch.Tensor) -> bool:
+        """For a conv on the small-op path: two ops (k×k kernel built from the factors, 1×1 up) or three."""
+        mode = self.compute[adapter]
+        if mode in ("two_op", "three_op"):
+            return mode == "two_op"
+        return self._auto_path(adapter, x) == "two_op"
+
+    def _auto_path(self, adapter: str, x: Optional[torch.Tensor]) -> str:
+        """"materialized", "two_op" or "three_op" ("factorized" where the small ops have one form), per shape."""
         # Decided per call from the shapes (guards under torch.compile): small batches / late low-resolution
         # layers favour the small ops, big activations without gradients favour building W + ΔW once.
         needs_grad = torch.is_grad_enabled() and self.ftn_a[adapter].requires_grad
         if x is None or torch.compiler.is_compiling():
-            return self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
+            return self._choose_path(adapter, x, needs_grad)
         # The cost model is pure Python arithmetic, ~15 µs a call: as much as a small op. Remember it per shape.
-        key = (adapter, self.r[adapter], x.shape, needs_grad)
+        key = (adapter, self.r[adapter], x.shape, x.device.type, needs_grad)
         choice = self._path_cache.get(key)
         if choice is None:
             if len(self._path_cache) > 1024:  # many sequence lengths: start over rather than grow without bound
                 self._path_cache.clear()
-            choice = self._path_cache[key] = self._factorized_cost_ratio(adapter, x, needs_grad) < 1.0
+            choice = self._path_cache[key] = self._choose_path(adapter, x, needs_grad)
         return choice
+
+    def _choose_path(self, adapter: str, x: Optional[torch.Tensor], needs_grad: bool) -> str:
+        base = self.get_base_layer()
+        if x is not None and isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            measured = conv_path(self.r[adapter], self.factor_dims(adapter), base, x, needs_grad)
+            if measured is not None:
+                return measured
+        if self._factorized_cost_ratio(adapter, x, needs_grad) >= 1.0:
+            return "materialized"
+        return "factorized"

@@ -12,7 +12,7 @@ from peft.utils import TaskType
 from .peft_type import FTN_PEFT_TYPE
 
 INIT_CHOICES = (True, False, "xavier", "gaussian")
-COMPUTE_CHOICES = ("auto", "factorized", "materialized")
+COMPUTE_CHOICES = ("auto", "factorized", "materialized", "two_op", "three_op")
 TASK_NORM_CHOICES = ("batchnorm", "all")
 DEFAULT_OUTPUT_PROJECTIONS = ["out_proj", "o_proj", "c_proj", "attn.proj", "attention.output.dense"]
 # Upper bounds that keep the first forward pass finite: ΔW is scaled by alpha / r and each of its entries is a product
@@ -68,7 +68,9 @@ class FTNConfig(PeftConfig):
             How the adapted forward is computed. ``"materialized"`` builds ΔW and runs the base op once with W + ΔW;
             ``"factorized"`` runs the factors as small ops beside the frozen base op; ``"auto"`` (default) uses the
             factorized path when gradients flow into the factors and it is cheaper than the dense weight gradient,
-            the materialized path otherwise (see docs/design.md).
+            the materialized path otherwise (see docs/design.md). ``"two_op"`` / ``"three_op"``: factorized, with
+            k×k convs forced onto one small-op path (built k×k kernel + 1×1, or 1×1 + depthwise + 1×1) instead of the
+            measured rule.
         task_batchnorm (`bool`):
             Give this adapter its own copy of every BatchNorm layer, statistics included (default ``True``).
         task_norms (`str`):
@@ -113,7 +115,7 @@ class FTNConfig(PeftConfig):
         metadata={"help": "Name suffixes of attention output projections."},
     )
     compute: str = field(
-        default="auto", metadata={"help": "'auto', 'factorized' or 'materialized' computation of ΔW."}
+        default="auto", metadata={"help": "'auto', 'factorized', 'materialized', 'two_op' or 'three_op' computation of ΔW."}
     )
     task_batchnorm: bool = field(
         default=True, metadata={"help": "Give the adapter its own BatchNorm parameters and statistics."}

@@ -110,8 +110,14 @@ def conv_delta(
     dilation,
     groups: int,
     scale: float,
+    two_op: bool = False,
 ) -> torch.Tensor:
-    """``conv(x, ΔW)`` as three small convolutions (CP convolution), for 1-d and 2-d convs."""
+    """``conv(x, ΔW)`` through r channels per group, for 1-d and 2-d convs.
+
+    Three ops (CP convolution): 1×1 down, depthwise k×k, 1×1 up. With ``two_op`` (and always for 1-element
+    kernels): the r × Cin/g × k kernel ``b ⊗ a`` is built first (r·Cin/g·k elements, a tiny op), then one k×k conv
+    down to r channels per group and a 1×1 up, the two ops LoRA runs. `compute_path.conv_path` chooses.
+    """
     a, b, c = factors  # (r, k²), (r, Cin/g), (r, Cout)
     r = a.shape[0]
     conv = F.conv2d if len(kernel_size) == 2 else F.conv1d
@@ -119,10 +125,11 @@ def conv_delta(
     up = c.t().reshape(c.shape[1], r, *ones)
     if scale != 1.0:  # on the smallest factor: one tiny op
         a = a * scale
-    if a.shape[1] == 1:
-        # A 1-element kernel's spatial factor is one scalar per component: folded into the projection, the
-        # delta is two ops like LoRA's (the third, overhead-bound conv cost ~6 % of a ResNet-50 training step on CPU).
-        down = _per_group(b * a, groups).reshape(groups * r, b.shape[1], *ones)
+    if two_op or a.shape[1] == 1:
+        # For a 1-element kernel the spatial factor is one scalar per component: folding it costs nothing (the
+        # third, overhead-bound conv cost ~6 % of a ResNet-50 training step on CPU).
+        down = (b.unsqueeze(2) * a.unsqueeze(1)).reshape(r, b.shape[1], *kernel_size)
+        down = _per_group(down, groups)
         z = conv(x, down, stride=stride, padding=padding, dilation=dilation, groups=groups)
         return conv(z, up, groups=groups)
     # Each group projects its own Cin/g channels to r channels with the same b.
@@ -170,4 +177,5 @@ def conv_transpose_delta(
 
 
 def _per_group(factor: torch.Tensor, groups: int) -> torch.Tensor:
-    return factor if groups == 1 else factor.repeat(groups, 1)
+    # Each group uses the same r rows: stack g copies along the first dimension.
+    return factor if groups == 1 else factor.repeat(groups, *(1,) * (factor.dim() - 1))

@@ -245,6 +245,7 @@ class Conv(FTNLayer):
             base.dilation,
             base.groups,
             self.scaling[adapter],
+            two_op=self._use_two_op(adapter, x),
         )
 
 
