@@ -26,6 +26,7 @@ from .compute_path import (  # noqa: F401  (re-exported: the cost model used to 
     factorized_cost_ratio,
 )
 from .routing import BASE_ADAPTER, FTNTunerLayer  # noqa: F401  (re-exported for `from ftn_peft.layer import ...`)
+from .weight_cache import InferenceCacheMixin, LayerWeightCache
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -40,7 +41,7 @@ def adapter_compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.
     return adapter_dtype
 
 
-class FTNLayer(nn.Module, ComputePathMixin, FTNTunerLayer):
+class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
     """A frozen base layer plus, per adapter, the factors of ``ΔW = scale · Σ a ⊗ b ⊗ c``."""
 
     adapter_layer_names = ("ftn_a", "ftn_b", "ftn_c")
@@ -62,6 +63,7 @@ class FTNLayer(nn.Module, ComputePathMixin, FTNTunerLayer):
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self._path_cache: dict[tuple, bool] = {}
+        self._weight_cache = LayerWeightCache()  # eval without gradients: cached W + ΔW (weight_cache.py)
         # PEFT's tuner layers expose the base layer's sizes (channels for convs); code written for LoRA reads them.
         self.in_features, self.out_features = self._in_out_features()
         self.update_layer(adapter_name, **kwargs)
@@ -152,6 +154,7 @@ class FTNLayer(nn.Module, ComputePathMixin, FTNTunerLayer):
         return self._to_base_layout(delta).to(self.get_base_layer().weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self._weight_cache.clear()  # merging rewrites the base weight through .data, unseen by version counters
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self._available():
                 continue
@@ -166,6 +169,7 @@ class FTNLayer(nn.Module, ComputePathMixin, FTNTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        self._weight_cache.clear()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self._available():
@@ -179,6 +183,9 @@ class FTNLayer(nn.Module, ComputePathMixin, FTNTunerLayer):
         base = self.get_base_layer()
         if not adapters:
             return self._base_forward(x)
+        cached = self._cached_weight(adapters)
+        if cached is not None:
+            return self._forward_with_weight(x, cached)
         if all(self._use_factorized(a, x) for a in adapters):
             out = self._base_forward(x)
             for a in adapters:

@@ -17,6 +17,7 @@ from .loading import check_adapter_state_dict
 from .peft_type import PREFIX
 from .routing import BASE_ADAPTER, MERGED_MESSAGE, FTNTunerLayer
 from .task_layers import TaskHead, TaskNorm, _SwappedModuleLayer, head_outputs, output_layer
+from .weight_cache import share_budget
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # task_norms="all": timm's LayerNorm2d and transformers' ConvNext LayerNorm subclass nn.LayerNorm.
@@ -163,6 +164,7 @@ class FTNModel(BaseTuner):
             target.update_layer(adapter_name, **kwargs)
         else:
             new_module = layer_cls(target, adapter_name, **kwargs)
+            share_budget(self, new_module)  # one inference-cache budget per model (weight_cache.py)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)

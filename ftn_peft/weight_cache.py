@@ -1,0 +1,246 @@
+"""Inference cache of adapted weights: ``W + Σ ΔW`` built once and reused while nothing it depends on changes.
+
+In eval mode without gradients an FTN layer with ``compute="auto"`` runs ONE base op with a cached adapted weight,
+so that unmerged inference costs what the base model costs. An entry is reused only while every tensor it was
+built from is the same object with the same version counter (bumped by every in-place op, optimizer steps and
+``load_state_dict`` included), storage, dtype and device, and the adapter's scaling is unchanged; `train()`,
+`.to()`, merging, unmerging and `delete_adapter` drop a layer's entries outright. Edits through ``tensor.data``
+bypass version counters: call `clear_inference_cache` after them.
+
+All FTN layers of a model share one `CacheBudget`: a least-recently-used set of entries whose bytes stay within
+``max_bytes`` (`set_inference_cache`); `inference_cache_bytes` reports what is held. docs/design.md has the design.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Callable, Hashable, Optional
+
+import torch
+from torch import nn
+
+DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB per model: ResNet-50 adapted everywhere holds ~94 MB per adapter
+
+
+def _check_max_bytes(max_bytes) -> Optional[int]:
+    if max_bytes is None:
+        return None
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise TypeError(
+            f"max_bytes must be an int number of bytes (0 disables the cache) or None (no limit), got "
+            f"{type(max_bytes).__name__}; e.g. max_bytes=2**30"
+        )
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes={max_bytes} is negative; pass a size in bytes, 0 to disable, or None for no limit")
+    return max_bytes
+
+
+class CacheBudget:
+    """Bytes held by the cached weights of a set of layers, evicting the least recently used entry first."""
+
+    def __init__(self, max_bytes: Optional[int] = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = _check_max_bytes(max_bytes)
+        self.bytes = 0
+        self._lru: OrderedDict[tuple[int, Hashable], "LayerWeightCache"] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes != 0
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.max_bytes is None or nbytes <= self.max_bytes
+
+    def touch(self, cache: "LayerWeightCache", key: Hashable) -> None:
+        self._lru.move_to_end((id(cache), key))
+
+    def admit(self, cache: "LayerWeightCache", key: Hashable, nbytes: int) -> bool:
+        """Make room for a new entry (evicting others); False when it can never fit."""
+        if not self._fits(nbytes):
+            return False
+        while self._lru and not self._fits(self.bytes + nbytes):
+            (_, old_key), owner = self._lru.popitem(last=False)
+            owner._drop(old_key)
+        self._lru[(id(cache), key)] = cache
+        self.bytes += nbytes
+        return True
+
+    def release(self, cache: "LayerWeightCache", key: Hashable, nbytes: int) -> None:
+        if self._lru.pop((id(cache), key), None) is not None:
+            self.bytes -= nbytes
+
+    def clear(self) -> None:
+        for (_, key), owner in list(self._lru.items()):
+            owner.drop(key)
+
+    def __deepcopy__(self, memo) -> "CacheBudget":  # a copied model starts with an empty cache of the same size
+        return CacheBudget(self.max_bytes)
+
+    def __getstate__(self) -> dict:
+        return {"max_bytes": self.max_bytes, "bytes": 0, "_lru": OrderedDict()}
+
+
+def _signature(tensors: tuple[torch.Tensor, ...], extra: tuple) -> Optional[tuple]:
+    try:
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + extra
+    except RuntimeError:  # inference tensors (created under torch.inference_mode) have no version counter
+        return None
+
+
+class LayerWeightCache:
+    """One layer's cached tensors, each valid while the tensors it was built from are unchanged."""
+
+    def __init__(self, budget: Optional[CacheBudget] = None) -> None:
+        self.budget = budget if budget is not None else CacheBudget()
+        # key -> (weak references to the sources, their signature, the cached value, its bytes)
+        self._entries: dict[Hashable, tuple] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget.enabled
+
+    @property
+    def bytes(self) -> int:
+        return sum(entry[3] for entry in self._entries.values())
+
+    def get_or_build(self, key: Hashable, tensors: tuple[torch.Tensor, ...], extra: tuple, build: Callable[[], object]):
+        """The cached value for ``key`` if ``tensors`` and ``extra`` are unchanged since it was built, else ``build()``
+        (stored for next time when the budget allows)."""
+        signature = _signature(tensors, extra)
+        entry = self._entries.get(key)
+        if entry is not None:
+            refs, old_signature, value, _ = entry
+            if old_signature == signature and all(r() is t for r, t in zip(refs, tensors)):
+                self.budget.touch(self, key)
+                return value
+            self.drop(key)
+        value = build()
+        if signature is not None:
+            values = value if isinstance(value, tuple) else (value,)
+            nbytes = sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+            if self.budget.admit(self, key, nbytes):
+                self._entries[key] = (tuple(weakref.ref(t) for t in tensors), signature, value, nbytes)
+        return value
+
+    def _drop(self, key: Hashable) -> None:  # called by the budget, which already forgot the entry
+        self._entries.pop(key, None)
+
+    def drop(self, key: Hashable) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.budget.release(self, key, entry[3])
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self.drop(key)
+
+    def __deepcopy__(self, memo) -> "LayerWeightCache":
+        from copy import deepcopy
+
+        return LayerWeightCache(deepcopy(self.budget, memo))
+
+    def __getstate__(self) -> dict:
+        return {"budget": self.budget, "_entries": {}}
+
+
+class InferenceCacheMixin:
+    """What an FTN layer needs to use the cache: when it applies, and the events that drop its entries."""
+
+    _weight_cache: LayerWeightCache
+
+    def _cache_applies(self, adapters: list[str]) -> bool:
+        """Eval mode, no gradients, the cache on, ``compute="auto"`` (explicit compute modes run as named)."""
+        if self.training or torch.is_grad_enabled() or not self._weight_cache.enabled:
+            return False
+        if torch.compiler.is_compiling():  # graphs would guard on version counters: let the compiler decide
+            return False
+        compute = self.compute
+        return all(compute[a] == "auto" for a in adapters)
+
+    def _cache_sources(self, adapters) -> tuple[tuple[torch.Tensor, ...], tuple]:
+        base = self.get_base_layer()
+        tensors = [base.weight] if base.bias is None else [base.weight, base.bias]
+        for a in adapters:
+            if a is not None:
+                tensors.extend(self.factors(a))
+        return tuple(tensors), tuple(None if a is None else self.scaling[a] for a in adapters)
+
+    def _adapted_weight(self, adapters) -> torch.Tensor:
+        """W + Σ ΔW, exactly as the materialized path builds it."""
+        weight = self.get_base_layer().weight
+        for a in adapters:
+            if a is not None:
+                weight = weight + self.get_delta_weight(a)
+        return weight
+
+    def _cached_weight(self, adapters: list[str]) -> Optional[torch.Tensor]:
+        """The cached ``W + Σ ΔW`` of the active ``adapters``, or None where the cache does not apply."""
+        if not self._cache_applies(adapters):
+            return None
+        tensors, extra = self._cache_sources(adapters)
+        return self._weight_cache.get_or_build(tuple(adapters), tensors, extra, lambda: self._adapted_weight(adapters))
+
+    def clear_inference_cache(self) -> None:
+        self._weight_cache.clear()
+
+    # --- events that drop the cached weights, whatever the version counters say ---------------------------
+    def train(self, mode: bool = True):
+        if mode:
+            self._weight_cache.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): entries would stay on the old device/dtype
+        self._weight_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._weight_cache.clear()
+
+
+def _layers(model: nn.Module) -> list[InferenceCacheMixin]:
+    return [m for m in model.modules() if isinstance(m, InferenceCacheMixin)]
+
+
+def set_inference_cache(model: nn.Module, max_bytes: Optional[int] = DEFAULT_MAX_BYTES, enabled: bool = True) -> None:
+    """Size (or switch off) the cache of adapted weights used by unmerged inference in eval mode without gradients.
+
+    Args:
+        model: a model with FTN layers (`PeftModel`, `FTNModel` or any module holding them).
+        max_bytes: the most bytes all its cached weights may hold together; the least recently used are evicted
+            first. ``None``: no limit. ``0``: no cache (each call then runs the uncached paths).
+        enabled: ``False`` is the same as ``max_bytes=0``.
+
+    Each adapter (or combination of active adapters) costs one copy of every adapted base weight, in the base
+    weight's dtype; a mixed-adapter batch over T adapters holds T copies per layer. Existing entries are dropped.
+    """
+    budget = CacheBudget(max_bytes if enabled else 0)
+    layers = _layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} holds no FTN layer; pass a model made by get_peft_model(FTNConfig)")
+    for module in model.modules():  # the FTNModel: layers of adapters added later share the new budget too
+        if "_ftn_cache_budget" in module.__dict__:
+            module.__dict__["_ftn_cache_budget"] = budget
+    for layer in layers:
+        layer._weight_cache.clear()
+        layer._weight_cache.budget = budget
+
+
+def inference_cache_bytes(model: nn.Module) -> int:
+    """Bytes currently held by the cached adapted weights of ``model``'s FTN layers."""
+    return sum(layer._weight_cache.bytes for layer in _layers(model))
+
+
+def clear_inference_cache(model: nn.Module) -> None:
+    """Drop every cached weight of ``model`` (needed only after edits through ``tensor.data``)."""
+    for layer in _layers(model):
+        layer._weight_cache.clear()
+
+
+def share_budget(model: nn.Module, layer: InferenceCacheMixin) -> None:
+    """Give a new layer the budget its model's other FTN layers share (FTNModel calls this on injection)."""
+    budget = getattr(model, "_ftn_cache_budget", None)
+    if budget is None:
+        budget = CacheBudget()
+        model.__dict__["_ftn_cache_budget"] = budget
+    layer._weight_cache.budget = budget
