@@ -197,6 +197,10 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
         return self._forward_with_weight(x, weight)
 
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
+        if adapter_names is None and not args and not kwargs:
+            out = self._inference_forward(x)  # merged, or eval without gradients: one base op (weight_cache.py)
+            if out is not None:
+                return out
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -72,12 +72,14 @@ def route_per_sample(x: torch.Tensor, adapter_names: list[str], run: Run, availa
 class FTNTunerLayer(BaseTunerLayer):
     """What every FTN tuner layer (factors, task BatchNorm, task head) shares: adapter routing."""
 
+    # The adapter containers are read from _modules: nn.Module.__getattr__ costs ~1 µs, paid by every layer call.
     def _available(self) -> set[str]:
-        return set(getattr(self, self.adapter_layer_names[0]).keys())
+        return set(self._modules[self.adapter_layer_names[0]].keys())
 
     def _active_here(self) -> list[str]:
-        container = getattr(self, self.adapter_layer_names[0])
-        return [name for name in self.active_adapters if name in container]
+        container = self._modules[self.adapter_layer_names[0]]
+        active = self._active_adapter
+        return [name for name in ([active] if isinstance(active, str) else active) if name in container]
 
     def _route(self, x: torch.Tensor, adapter_names: list[str], run: Run) -> Any:
         check_batch(adapter_names, x.shape[0], self.merged)

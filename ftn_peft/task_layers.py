@@ -21,7 +21,11 @@ from .routing import FTNTunerLayer, check_batch, route_per_sample
 
 
 def _float_dtype(module: nn.Module) -> Optional[torch.dtype]:
-    return next((t.dtype for t in chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
+    if not module._modules:  # a leaf (every task norm and head): its own dicts, not the ~5 µs recursive walk
+        tensors = chain(module._parameters.values(), module._buffers.values())
+    else:
+        tensors = chain(module.parameters(), module.buffers())
+    return next((t.dtype for t in tensors if t is not None and t.is_floating_point()), None)
 
 
 def _rows_of(value: Any, rows: torch.Tensor, batch: int) -> Any:
@@ -79,14 +83,15 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
         return active[0] if active else None
 
     def _module_for(self, adapter: Optional[str]) -> nn.Module:
-        return self.base_layer if adapter is None else self.modules_by_adapter[adapter]
+        modules = self._modules  # not through nn.Module.__getattr__: this runs on every call
+        return modules["base_layer"] if adapter is None else modules[self.container_name]._modules[adapter]
 
     def _run(self, adapter: Optional[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The adapter's module on ``x``; an fp32 adapter in a half-precision model computes in fp32, as LoRA does,
         and hands its output back in the model's dtype."""
         module = self._module_for(adapter)
         dtype = _float_dtype(module)
-        if adapter is None or dtype is None or not x.is_floating_point():
+        if adapter is None or dtype is None or dtype == x.dtype or not x.is_floating_point():
             return module(x, *args, **kwargs)
         dtype = adapter_compute_dtype(x, dtype)
         if dtype == x.dtype:
@@ -94,7 +99,7 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
         return module(x.to(dtype), *args, **kwargs).to(x.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
-        if self.disable_adapters:
+        if self._disable_adapters:
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             if not args and not kwargs:
