@@ -26,6 +26,7 @@ from .compute_path import (  # noqa: F401  (re-exported: the cost model used to 
     factorized_cost_ratio,
 )
 from .routing import BASE_ADAPTER, FTNTunerLayer  # noqa: F401  (re-exported for `from ftn_peft.layer import ...`)
+from .grouped import grouped_forward
 from .weight_cache import InferenceCacheMixin, LayerWeightCache
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -206,7 +207,10 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
-            return self._route(x, adapter_names, lambda xs, a: self._forward_adapters(xs, [a] if a else []))
+            out = grouped_forward(self, x, adapter_names)  # eval without gradients: all groups in one op
+            if out is None:
+                out = self._route(x, adapter_names, lambda xs, a: self._forward_adapters(xs, [a] if a else []))
+            return out
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         return self._forward_adapters(x, self._active_here())

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .compat import check_adapters_to_merge
+from .grouped import grouped_batchnorm
 from .layer import adapter_compute_dtype
 from .routing import FTNTunerLayer, check_batch, route_per_sample
 
@@ -103,7 +104,8 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             if not args and not kwargs:
-                return self._route(x, adapter_names, self._run_routed)
+                out = self._grouped(x, adapter_names)
+                return self._route(x, adapter_names, self._run_routed) if out is None else out
             # Several inputs (a decoder's skip features): route the row numbers, and give every adapter its rows of
             # each batched input.
             batch = x.shape[0]
@@ -113,6 +115,9 @@ class _SwappedModuleLayer(nn.Module, FTNTunerLayer):
 
             return self._route(torch.arange(batch, device=x.device), adapter_names, run)
         return self._run(self._selected(), x, *args, **kwargs)
+
+    def _grouped(self, x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:
+        return None  # route each adapter group through its own module
 
     def _run_routed(self, x: torch.Tensor, adapter: Optional[str]) -> torch.Tensor:
         return self._run(adapter, x)
@@ -159,6 +164,9 @@ class TaskNorm(_SwappedModuleLayer):
 
     def _new_module(self) -> nn.Module:
         return copy.deepcopy(self.base_layer)
+
+    def _grouped(self, x, adapter_names):
+        return grouped_batchnorm(self, x, adapter_names)  # eval without gradients: one per-sample affine op
 
     def _in_out_features(self) -> tuple[int, int]:
         base = self.base_layer
