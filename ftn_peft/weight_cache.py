@@ -42,7 +42,7 @@ class CacheBudget:
     def __init__(self, max_bytes: Optional[int] = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = _check_max_bytes(max_bytes)
         self.bytes = 0
-        self._lru: OrderedDict[tuple[int, Hashable], "LayerWeightCache"] = OrderedDict()
+        self._lru: OrderedDict[tuple[int, Hashable], tuple["LayerWeightCache", int]] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
@@ -59,9 +59,10 @@ class CacheBudget:
         if not self._fits(nbytes):
             return False
         while self._lru and not self._fits(self.bytes + nbytes):
-            (_, old_key), owner = self._lru.popitem(last=False)
+            (_, old_key), (owner, old_bytes) = self._lru.popitem(last=False)
             owner._drop(old_key)
-        self._lru[(id(cache), key)] = cache
+            self.bytes -= old_bytes
+        self._lru[(id(cache), key)] = (cache, nbytes)
         self.bytes += nbytes
         return True
 
@@ -70,7 +71,7 @@ class CacheBudget:
             self.bytes -= nbytes
 
     def clear(self) -> None:
-        for (_, key), owner in list(self._lru.items()):
+        for (_, key), (owner, _) in list(self._lru.items()):
             owner.drop(key)
 
     def __deepcopy__(self, memo) -> "CacheBudget":  # a copied model starts with an empty cache of the same size
