@@ -155,7 +155,7 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
         return self._to_base_layout(delta).to(self.get_base_layer().weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        self._weight_cache.clear()  # merging rewrites the base weight through .data, unseen by version counters
+        self._weight_cache.clear()  # merged layers run the base layer; the entries would only hold memory
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self._available():
                 continue
@@ -170,7 +170,6 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        self._weight_cache.clear()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self._available():

@@ -199,11 +199,11 @@ def test_budget_evicts_least_recently_used_and_zero_disables():
         model.add_adapter(name, FTNConfig(r=2, target_modules=["conv"], init_weights="gaussian", task_batchnorm=False))
     set_inference_cache(model, max_bytes=2 * one)
     with torch.no_grad():
-        for name in ("default", "b", "c"):
+        for name in ("default", "b", "default", "c"):
             model.set_adapter(name)
             model(x)
     assert inference_cache_bytes(model) == 2 * one
-    assert set(layer._weight_cache._entries) == {("b",), ("c",)}  # "default" was the least recently used
+    assert set(layer._weight_cache._entries) == {("default",), ("c",)}  # "b" was the least recently used
     set_inference_cache(model, max_bytes=one - 1)  # smaller than one weight: nothing is kept
     with torch.no_grad():
         model.set_adapter("default")
@@ -251,7 +251,11 @@ def test_merged_fast_path_and_disable_adapter():
     model, layer, x, reference = make("layers:conv2d_3x3")
     with torch.no_grad():
         base, expected = layer.get_base_layer()(x), reference()
+        model(x)
+        assert entries(model) == 1
         model.merge_adapter()
+        assert entries(model) == 0  # a merged layer runs its base layer: the entries are dropped
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
         with model.disable_adapter():  # unmerges, then runs the base layer
             torch.testing.assert_close(model(x), base, rtol=1e-4, atol=1e-5)
+
