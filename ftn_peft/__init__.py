@@ -35,6 +35,7 @@ from . import presets  # noqa: E402  (presets build FTNConfigs, which need the r
 from .auto import auto_config  # noqa: E402
 from .report import ParameterReport, parameter_report  # noqa: E402
 from .serving import forward_all_tasks  # noqa: E402
+from .weight_cache import clear_inference_cache, inference_cache_bytes, set_inference_cache  # noqa: E402
 
 __all__ = [
     "BASE_ADAPTER",
@@ -47,7 +48,10 @@ __all__ = [
     "TaskHead",
     "TaskNorm",
     "auto_config",
+    "clear_inference_cache",
     "forward_all_tasks",
+    "inference_cache_bytes",
     "parameter_report",
     "presets",
+    "set_inference_cache",
 ]

@@ -103,16 +103,21 @@ def _kind(base: nn.Module) -> Optional[str]:
     return None
 
 
-FACTORIZED_SHARE = 0.5  # take the stacked small ops while their MACs stay under this share of the base op's
+FACTORIZED_SHARE = 0.5  # stacked small ops only while their MACs stay under this share of the base op's
+# Convs that fail the share test: one grouped conv over the stacked cached weights (True, the configuration measured
+# in docs/benchmarks.md), or each group on its own with its cached weight (False; better at few groups on CPU).
+GROUPED_CONV = True
 
 
 def grouped_forward(layer, x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:
-    """The layer's output on a mixed batch in one pass, or None where this does not apply (training, gradients,
-    the cache off, a single group, explicit compute modes, a parametrized weight): then `route` runs each group.
+    """The layer's output on a mixed batch in one pass, or None where `route` should run each group (with its
+    cached weight): training, gradients, the cache off, a single group, explicit compute modes, and convs whose
+    groups are cheaper one by one.
 
-    Two ways, chosen per layer from MAC counts: the base op once over the whole batch plus every group's factors
-    stacked along the rank (``_stacked_factor_delta``: small ops, no weight copies), or the groups' cached
-    weights stacked into one grouped conv / batched matmul (``_stacked_weight_forward``).
+    Convs and Linear layers run the base op once over the whole batch plus every group's factors stacked along the
+    rank (``_stacked_factor_delta``: small ops, no weight copy) where `_factorized_is_cheaper`; otherwise Linear
+    layers, transposed convs (and convs with ``GROUPED_CONV``) stack the groups' cached weights into one batched
+    matmul or grouped conv (``_stacked_weight_forward``).
     """
     check_batch(adapter_names, x.shape[0], layer.merged)
     available = layer._modules[layer.adapter_layer_names[0]]
@@ -131,11 +136,16 @@ def grouped_forward(layer, x: torch.Tensor, adapter_names: list[str]) -> Optiona
         if _factorized_is_cheaper(layer, base, tuple(adapters)):
             p = plan(names, x.device, group_major=True)
             return layer._base_forward(x) + _stacked_factor_delta(layer, base, kind, x, p)
+    if kind == "conv" and not GROUPED_CONV:
+        return None
     return _stacked_weight_forward(layer, base, kind, x, names)
 
 
 def _factorized_is_cheaper(layer, base, adapters: tuple[str, ...]) -> bool:
-    """All groups' small ops cost Σ_t f_t MACs per output position, the base op |W| (decided once per set)."""
+    """Stacked small ops cost Σ_t f_t MACs per output position (f: `_extra_macs`), the base op |W|; the other ways
+    read T weights instead of one. Take the small ops while under FACTORIZED_SHARE of the base op. (Also weighing
+    the (T - 1)·|W| weight reads against the activations' size was measured worse: 1.54 against 1.38 × base at
+    T = 10 on ResNet-18.) Decided once per adapter set."""
     key = ("mixed", adapters)
     choice = layer._path_cache.get(key)
     if choice is None:

@@ -51,7 +51,8 @@ def make(kind: str):
 @pytest.mark.parametrize("way", ["stacked_factors", "stacked_weights"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_mixed_batch_in_one_pass_equals_dense_reference(kind, way, monkeypatch):
-    monkeypatch.setattr(grouped, "FACTORIZED_SHARE", float("inf") if way == "stacked_factors" else -1.0)
+    monkeypatch.setattr(grouped, "_factorized_is_cheaper", lambda *a: way == "stacked_factors")
+    monkeypatch.setattr(grouped, "GROUPED_CONV", True)
     model, layer, x, expected = make(kind)
     calls = []
     monkeypatch.setattr(layer, "_route", lambda *a, **k: calls.append(a))  # the per-group path must not run
@@ -143,3 +144,11 @@ def test_clip_tower_mixed_batch():
         out = call(x, names)
         expected = _per_row_reference(model, lambda xs, n: model(pixel_values=xs).logits, x, names)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_convs_without_the_small_ops_route_each_group_with_its_cached_weight(monkeypatch):
+    monkeypatch.setattr(grouped, "_factorized_is_cheaper", lambda *a: False)
+    model, layer, x, expected = make("layers:conv2d_groups")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, adapter_names=NAMES), expected, rtol=1e-4, atol=1e-5)
+    assert set(layer._weight_cache._entries) == {("default",), ("b",)}
