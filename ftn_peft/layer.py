@@ -3,7 +3,8 @@
 `FTNLayer` holds the factors, merging and the forward shared by every layer kind; the subclasses only say how the
 base op is run with a given weight and how ΔW acts on an input without being built. The other concerns have their
 own modules: `functional.py` (factor layouts and maths), `compute_path.py` (materialized or factorized, per call),
-`routing.py` (mixed-adapter batches), `task_layers.py` (task BatchNorm and task heads).
+`routing.py` (mixed-adapter batches), `task_layers.py` (task BatchNorm and task heads), `weight_cache.py` (cached
+W + ΔW for inference without gradients, the merged fast path), `grouped.py` (mixed batches in one op per layer).
 """
 
 from __future__ import annotations
