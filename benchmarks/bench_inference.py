@@ -38,6 +38,12 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from ftn_peft.weight_cache import clear_inference_cache, inference_cache_bytes, set_inference_cache  # noqa: E402
 
 
+# The clock the tables report: process CPU time on a CPU (robust to other processes), wall time on a GPU (where the
+# host's CPU time says nothing about the kernels). main() sets it from --device.
+CLOCK = "cpu"
+DEVICE = "cpu"
+
+
 def timed_repeats(jobs: dict, repeats: int) -> dict[str, dict[str, list[float]]]:
     """{name: {"cpu": [...], "wall": [...]}}, every job once per repeat in a rotated order, after one warm-up."""
     names = list(jobs)
@@ -48,8 +54,10 @@ def timed_repeats(jobs: dict, repeats: int) -> dict[str, dict[str, list[float]]]
         for i in range(repeats):
             shift = i % len(names)
             for n in names[shift:] + names[:shift]:
+                C.sync(DEVICE)
                 cpu, wall = time.process_time(), time.perf_counter()
                 jobs[n]()
+                C.sync(DEVICE)
                 out[n]["cpu"].append(time.process_time() - cpu)
                 out[n]["wall"].append(time.perf_counter() - wall)
     return out
@@ -59,7 +67,7 @@ def ratios(times: dict, reference: str = "base") -> dict:
     rows = {}
     for n, t in times.items():
         rows[n] = {clock: C.summary([a / b for a, b in zip(t[clock], times[reference][clock])]) for clock in ("cpu", "wall")}
-        rows[n]["seconds"] = C.summary(t["cpu"])["median"]
+        rows[n]["seconds"] = C.summary(t[CLOCK])["median"]
     return rows
 
 
@@ -111,7 +119,7 @@ def single(args, backbone, x) -> dict:
         rows = ratios(timed_repeats(jobs, args.repeats))
         rows["ftn cached"]["cache_bytes"] = inference_cache_bytes(ftn)
         results[f"r={r}"] = rows
-        print(f"r={r}: " + ", ".join(f"{n} {v['cpu']['median']:.3f}" for n, v in rows.items()), flush=True)
+        print(f"r={r}: " + ", ".join(f"{n} {v[CLOCK]['median']:.3f}" for n, v in rows.items()), flush=True)
     return results
 
 
@@ -145,7 +153,7 @@ def mixed(args, backbone, x) -> dict:
             _mixed(backbone, ftn, x, per_sample)
         out["ftn mixed"]["cache_bytes"] = inference_cache_bytes(ftn)
         results[f"T={t}"] = out
-        print(f"T={t}: " + ", ".join(f"{n} {v['cpu']['median']:.3f}" for n, v in out.items()), flush=True)
+        print(f"T={t}: " + ", ".join(f"{n} {v[CLOCK]['median']:.3f}" for n, v in out.items()), flush=True)
         del ftn, lora, merged
     return results
 
@@ -158,10 +166,10 @@ def _mixed(backbone, model, x, names):
 
 def table(results: dict, title: str) -> str:
     methods = list(next(iter(results.values())))
-    lines = [f"### {title}", "", "| | " + " | ".join(f"{m} / base" for m in methods[1:]) + " | base CPU s | cache MiB |",
+    lines = [f"### {title}", "", "| | " + " | ".join(f"{m} / base" for m in methods[1:]) + f" | base {CLOCK} s | cache MiB |",
              "|" + "---|" * (len(methods) + 2)]
     for key, rows in results.items():
-        cells = [f"{rows[m]['cpu']['median']:.2f} [{rows[m]['cpu']['q1']:.2f}, {rows[m]['cpu']['q3']:.2f}]"
+        cells = [f"{rows[m][CLOCK]['median']:.2f} [{rows[m][CLOCK]['q1']:.2f}, {rows[m][CLOCK]['q3']:.2f}]"
                  for m in methods[1:]]
         cache = next((v["cache_bytes"] for v in rows.values() if "cache_bytes" in v), 0) / 2**20
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {rows['base']['seconds']:.3f} | {cache:.1f} |")
@@ -178,21 +186,27 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 5, 10, 20])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (GPU: wall time with synchronization)")
     p.add_argument("--out", default=None, help=C.OUT_HELP)
     args = p.parse_args(argv)
+    global CLOCK, DEVICE
+    DEVICE, CLOCK = args.device, ("wall" if args.device.startswith("cuda") else "cpu")
     torch.set_num_threads(args.threads)
     batch, size = C.CPU_SIZES[args.backbone]
     batch, size = args.batch_size or batch, args.image_size or size
     backbone = C.build_backbone(args.backbone, size)
-    x = backbone.make_input(batch, size)
+    backbone.model.to(args.device)  # every method is a deep copy of it
+    x = backbone.make_input(batch, size).to(args.device)
     start = time.perf_counter()
     results = (single if args.part == "single" else mixed)(args, backbone, x)
     command = "python benchmarks/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    title = f"{args.backbone}, batch {batch}, {size} px, {args.threads} thread(s), CPU time ratios to base"
+    clock = "CPU time" if CLOCK == "cpu" else f"{args.device} wall time"
+    title = f"{args.backbone}, batch {batch}, {size} px, {args.threads} thread(s), {clock} ratios to base"
     text = f"`{command}` ({time.perf_counter() - start:.0f} s)\n\n" + table(results, title)
     print(text)
     out = C.output_dir(args.out, "bench_inference")
-    stem = os.path.join(out, f"inference_{args.part}_{args.backbone}")
+    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    stem = os.path.join(out, f"inference_{args.part}_{args.backbone}{suffix}")
     with open(stem + ".md", "w") as f:
         f.write(text)
     with open(stem + ".json", "w") as f:
