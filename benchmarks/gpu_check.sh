@@ -70,6 +70,6 @@ if want inference; then
     done
 fi
 want widths && step widths 150 $PY benchmarks/bench_widths.py --device $DEVICE --modes eager channels_last --out "$OUT"
-want dense && step dense_demo 300 $PY examples/train_dense.py --output_dir "$OUT/dense"
+want dense && step dense_demo 180 $PY examples/train_dense.py --output_dir "$OUT/dense"
 rm -rf "$WORK"
 echo "tables and logs in $OUT"
