@@ -468,6 +468,11 @@ def _output_layers(model: nn.Module) -> list[str]:
     for module in candidates:
         if isinstance(module, nn.Module) and _head_of(module) is not None and id(module) in by_id:
             found.append(by_id[id(module)])
+            # A container head (transformers' ResNet: Sequential(Flatten, Linear)) ends in its own output layer,
+            # which is an output layer of the model too.
+            last = _last_output_layer(_head_of(module))
+            if last is not _head_of(module) and id(last) in by_id:
+                found.append(by_id[id(last)])
     if not found:  # any other model: its last Linear layer
         linears = [
             n for n, m in model.named_modules()
@@ -475,6 +480,20 @@ def _output_layers(model: nn.Module) -> list[str]:
         ]
         found = linears[-1:]
     return list(dict.fromkeys(found))
+
+
+def _last_output_layer(head: nn.Module) -> Optional[nn.Module]:
+    """A head's last Linear / Conv, or the TaskHead wrapping it once an adapter has been added (never the adapter's
+    own copy inside that wrapper)."""
+    last, inside = None, None
+    for name, module in head.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        if isinstance(module, TaskHead):
+            last, inside = module, name + "."
+        elif output_layer(module) is not None and output_layer(module)[1] is module:
+            last = module
+    return last
 
 
 def _resolve_head(model: nn.Module, config: FTNConfig) -> str:

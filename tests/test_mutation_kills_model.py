@@ -183,9 +183,11 @@ _ERRORS = {
     "head-several": ("resnet", dict(target_modules=["conv1"], head_module="conv1"), ValueError,
                      "head_module='conv1' matches 5 modules (['conv1', 'layer1.0.conv1', 'layer2.0.conv1', "
                      "'layer3.0.conv1', 'layer4.0.conv1']); it must name exactly one module, e.g. ['fc']"),
-    "head-not-linear": ("net", dict(target_modules=["q"], head_module="attn"), TypeError,
-                        "head_module='attn' names 'attn', a Attention; it must name an nn.Linear classifier, e.g. "
-                        "['fc'] (wrap other heads with modules_to_save)"),
+    # A module with no Linear / Conv in it (an Attention block is a valid head now: its last Linear is the output).
+    "head-not-linear": ("resnet", dict(target_modules=["conv1"], head_module="layer1.0.act1"), TypeError,
+                        "head_module='layer1.0.act1' names 'layer1.0.act1', a ReLU; it must name an nn.Linear "
+                        "classifier or a decoder whose last Linear / Conv layer is its output layer, e.g. ['fc'] "
+                        "(wrap other heads with modules_to_save)"),
     "head-middle": ("net", dict(target_modules=["fc"], head_module="q", head_num_outputs=4), ValueError,
                     "head_module='q' names 'attn.q', a middle layer with 8 outputs; head_num_outputs=4 would break the "
                     "layers after it. A head of another size must be the model's output layer: ['fc']"),
