@@ -343,7 +343,8 @@ def _harness(modes: list, work: Path, n_random: int) -> dict:
             tally = {"per_file": "new" if _fingerprint(target) == new_fp else "broken"}
             fresh = work / "fresh" / "adapter"
             new.save_pretrained(str(fresh))
-            loads = PeftModel.from_pretrained(tiny_timm_resnet(), str(fresh))(images)
+            # is_trainable: factors that require grad, as in `new`, so that the same compute path runs (bit-exact)
+            loads = PeftModel.from_pretrained(tiny_timm_resnet(), str(fresh), is_trainable=True).eval()(images)
             torch.testing.assert_close(loads, expected["new"]["default"], rtol=0, atol=0)
             tally["fresh"] = "ok" if sorted(os.listdir(fresh.parent)) == ["adapter"] else "leftovers"
         return tally
