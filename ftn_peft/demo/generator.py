@@ -217,8 +217,10 @@ def lora_conv_transpose_class():
             return module.in_channels, module.out_channels
 
         def update_layer(self, adapter_name, *args, **kwargs):
-            super().update_layer(adapter_name, *args, **kwargs)
             base = self.get_base_layer()
+            # peft < 0.19 has no _get_in_out_features hook and leaves these None for a layer type it does not know
+            self.in_features, self.out_features = base.in_channels, base.out_channels
+            super().update_layer(adapter_name, *args, **kwargs)
             self.lora_A[adapter_name].output_padding = base.output_padding
             self.lora_A[adapter_name].dilation = base.dilation
 
