@@ -16,7 +16,9 @@ from .layer import LAYER_CLASSES, FTNLayer
 from .loading import check_adapter_state_dict
 from .peft_type import PREFIX
 from .routing import BASE_ADAPTER, MERGED_MESSAGE, FTNTunerLayer
-from .task_layers import TaskHead, TaskNorm, _SwappedModuleLayer, head_outputs, output_layer
+from .task_layers import (
+    OUTPUT_LAYER_TYPES, TaskHead, TaskNorm, _SwappedModuleLayer, head_outputs, output_layer,
+)
 from .weight_cache import share_budget
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -491,7 +493,7 @@ def _last_output_layer(head: nn.Module) -> Optional[nn.Module]:
             continue
         if isinstance(module, TaskHead):
             last, inside = module, name + "."
-        elif output_layer(module) is not None and output_layer(module)[1] is module:
+        elif isinstance(module, OUTPUT_LAYER_TYPES):
             last = module
     return last
 

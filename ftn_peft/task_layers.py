@@ -228,7 +228,7 @@ class TaskHead(_SwappedModuleLayer):
         return "ftn." + super().__repr__()
 
 
-_OUTPUT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+OUTPUT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def output_layer(head: nn.Module) -> Optional[tuple[str, nn.Module]]:
@@ -236,7 +236,7 @@ def output_layer(head: nn.Module) -> Optional[tuple[str, nn.Module]]:
     Conv, else its last registered Linear / Conv (register a decoder's classifier last); None if it has none."""
     found = None
     for name, module in head.named_modules():
-        if isinstance(module, _OUTPUT_LAYER_TYPES):
+        if isinstance(module, OUTPUT_LAYER_TYPES):
             found = (name, module)
     return found
 
