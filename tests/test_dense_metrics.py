@@ -69,3 +69,35 @@ def test_odsf_sums_counts_over_the_data_set_before_f():
     p = 16 / 24
     assert odsf.compute().item() == pytest.approx(max(2 * p / (p + 1), 2 * (8 / 8) * (8 / 16) / (1 + 8 / 16)))
     assert odsf.compute().item() == pytest.approx(0.8)
+
+
+def _odsf_counts_one_threshold_at_a_time(prob, true, tolerance, thresholds):
+    """The definition, threshold by threshold: dilate each binary map by the tolerance disk and count."""
+    r = int(tolerance)
+    yy, xx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
+    disk = ((yy**2 + xx**2) <= tolerance**2).float()[None, None]
+
+    def near(edges):
+        return torch.nn.functional.conv2d(edges.float(), disk, padding=r) > 0
+
+    true = true > 0.5
+    counts = []
+    for t in thresholds:
+        binary = prob >= t
+        counts.append((int((binary & near(true)).sum()), int(binary.sum()), int((true & near(binary)).sum())))
+    return counts, int(true.sum())
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1.0, 2.5])
+def test_odsf_counts_equal_the_threshold_by_threshold_definition(tolerance):
+    g = torch.Generator().manual_seed(0)
+    prob = (torch.rand(3, 1, 9, 11, generator=g) * 10).round() / 10  # ties with the thresholds
+    true = (torch.rand(3, 1, 9, 11, generator=g) < 0.2).float()
+    thresholds = [0.7, 0.1, 0.5, 0.3, 0.95]
+    odsf = ODSF(tolerance=tolerance, thresholds=thresholds)
+    odsf.update(prob[:2], true[:2])
+    odsf.update(prob[2:], true[2:])
+    counts, num_true = _odsf_counts_one_threshold_at_a_time(prob, true, tolerance, sorted(thresholds))
+    assert odsf.num_true.item() == num_true
+    got = list(zip(odsf.matched_pred.tolist(), odsf.num_pred.tolist(), odsf.matched_true.tolist()))
+    assert got == counts

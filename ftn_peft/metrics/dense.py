@@ -17,6 +17,7 @@ and synchronize across processes under Accelerate / torch.distributed).
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -91,7 +92,7 @@ class ODSF(Metric):
             if thresholds < 1:
                 raise ValueError(f"thresholds must be >= 1 (or a list of thresholds), got {thresholds}")
             thresholds = torch.linspace(0, 1, thresholds + 2)[1:-1]
-        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32).sort().values
         if tolerance < 0:
             raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
         radius = int(tolerance)
@@ -102,23 +103,35 @@ class ODSF(Metric):
             self.add_state(name, default=torch.zeros(k, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("num_true", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def _near(self, edges: torch.Tensor) -> torch.Tensor:
-        """Pixels within the tolerance of an edge pixel of ``edges`` (N, 1, H, W)."""
-        disk = self.disk.to(edges.device)
-        return F.conv2d(edges.float(), disk, padding=disk.shape[-1] // 2) > 0
+    def _near_max(self, preds: torch.Tensor) -> torch.Tensor:
+        """The largest prediction within the tolerance of each pixel: a pixel lies within the tolerance of a
+        prediction binarized at t exactly when this is >= t, so one pass serves every threshold."""
+        radius = self.disk.shape[-1] // 2
+        padded = F.pad(preds, (radius,) * 4, value=-math.inf)  # outside the image nothing is predicted
+        h, w = preds.shape[-2:]
+        out = torch.full_like(preds, -math.inf)
+        for dy, dx in self.disk[0, 0].nonzero().tolist():
+            out = torch.maximum(out, padded[..., dy:dy + h, dx:dx + w])
+        return out
+
+    def _count_at_least(self, values: torch.Tensor) -> torch.Tensor:
+        """For each threshold t, how many of `values` are >= t."""
+        thresholds = self.thresholds.to(values.device)
+        # searchsorted(right=True) is the number of thresholds <= v: v counts for exactly that many thresholds.
+        passed = torch.searchsorted(thresholds, values.reshape(-1).contiguous(), right=True)
+        per_count = torch.bincount(passed, minlength=len(thresholds) + 1)
+        return per_count.flip(0).cumsum(0).flip(0)[1:]
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        preds = preds.reshape(preds.shape[0], 1, *preds.shape[-2:]).float()
+        preds = preds.reshape(preds.shape[0], 1, *preds.shape[-2:]).float().nan_to_num(nan=-math.inf)
         target = target.reshape(target.shape[0], 1, *target.shape[-2:]) > 0.5
         if preds.shape != target.shape:
             raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} hold different maps")
-        near_true = self._near(target)
+        near_true = self._near_max(target.float()) > 0
         self.num_true += int(target.sum())
-        for i, t in enumerate(self.thresholds.tolist()):
-            binary = preds >= t
-            self.num_pred[i] += int(binary.sum())
-            self.matched_pred[i] += int((binary & near_true).sum())
-            self.matched_true[i] += int((target & self._near(binary)).sum())
+        self.num_pred += self._count_at_least(preds)
+        self.matched_pred += self._count_at_least(preds[near_true])
+        self.matched_true += self._count_at_least(self._near_max(preds)[target])
 
     def compute(self) -> torch.Tensor:
         precision = self.matched_pred.double() / self.num_pred.clamp_min(1)
