@@ -26,6 +26,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -45,21 +46,24 @@ from ftn_peft.metrics.dense import ODSF, DepthRMSE, MeanAngularError, MeanIoU  #
 
 TASK_LABELS = {"semseg": "SemSeg mIoU ↑", "depth": "Depth RMSE ↓", "normals": "Normals mErr ↓",
                "edges": "Edge odsF ↑"}
-METHOD_LABELS = {"finetune": "Fine-tuning (one network per task)", "feature_extractor": "Feature extractor (decoder only)",
-                 "bn_decoder": "BatchNorm + decoder"}
+METHOD_LABELS = {"mean": "Mean / majority per pixel (no image)", "finetune": "Fine-tuning (one network per task)",
+                 "feature_extractor": "Feature extractor (decoder only)", "bn_decoder": "BatchNorm + decoder"}
+# "mean" is the trivial predictor every method must beat: per pixel, the training set's majority class, mean depth,
+# mean normal and edge frequency, whatever the image.
+DEMO_METHODS, NYUD_METHODS = "mean,finetune,feature_extractor,bn_decoder,ftn", "finetune,feature_extractor,bn_decoder,ftn"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="demo", help='"demo", a NYUD-v2 directory, or a datasets name (streamed)')
     p.add_argument("--recipe", default="demo", choices=["demo", "paper"], help="training recipe (see above)")
-    p.add_argument("--methods", default="finetune,feature_extractor,bn_decoder,ftn")
+    p.add_argument("--methods", default=None, help=f"default: demo {DEMO_METHODS}; NYUD {NYUD_METHODS}")
     p.add_argument("--ranks", default="1,10,30", help="FTN ranks (paper: 1,10,20,30)")
     p.add_argument("--tasks", default="semseg,depth,normals,edges")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=None, help="default: demo 6, paper 60")
+    p.add_argument("--epochs", type=int, default=None, help="default: demo 8, paper 60")
     p.add_argument("--batch_size", type=int, default=None, help="per process; default: demo 16, paper 8")
-    p.add_argument("--lr", type=float, default=None, help="decoder / BatchNorm / fine-tuning lr; demo 2e-3 (Adam), "
+    p.add_argument("--lr", type=float, default=None, help="decoder / BatchNorm / fine-tuning lr; demo 4e-3 (Adam), "
                    "paper 0.005 (SGD)")
     p.add_argument("--factor_lr", type=float, default=5e-3, help="Adam lr of the FTN factors (paper: 0.005)")
     p.add_argument("--train_size", type=int, default=160, help="demo: training scenes per seed")
@@ -84,13 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="outputs/train_dense", help="ignored by git")
     args = p.parse_args(argv)
     paper = args.recipe == "paper"
-    args.epochs = args.epochs or (60 if paper else 6)
+    args.epochs = args.epochs or (60 if paper else 8)
     args.batch_size = args.batch_size or (8 if paper else 16)
-    args.lr = args.lr or (5e-3 if paper else 2e-3)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(args.methods) - set(dense.BASELINES) - {"ftn"})
+    args.lr = args.lr or (5e-3 if paper else 4e-3)
+    methods = args.methods or (DEMO_METHODS if args.dataset == "demo" else NYUD_METHODS)
+    args.methods = [m.strip() for m in methods.split(",") if m.strip()]
+    known = ["mean", *dense.BASELINES, "ftn"]
+    unknown = sorted(set(args.methods) - set(known))
     if unknown:
-        p.error(f"--methods has unknown {unknown}; choose from {list(dense.BASELINES) + ['ftn']}")
+        p.error(f"--methods has unknown {unknown}; choose from {known}")
     args.ranks = [int(r) for r in args.ranks.split(",")]
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if set(args.tasks) - set(TASK_LABELS):
@@ -124,6 +130,9 @@ def loss_fn(task: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(out, target, weight=weight, reduction="sum") / weight.sum()
 
 
+EVAL_SECONDS = [0.0]  # time spent in evaluate(), for the closing summary
+
+
 def new_metric(task: str, num_classes: int, tolerance: float):
     # Every process updates with the gathered batches, so no torchmetrics synchronization on top.
     kwargs = dict(sync_on_compute=False)
@@ -140,7 +149,8 @@ def as_map(task: str, out: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ models
 def source_model(args, seed: int):
     if args.dataset == "demo":
-        return scenes.load_source_model(args.cache_dir, seed=0, scenes=args.source_scenes, epochs=args.source_epochs)
+        return scenes.load_source_model(args.cache_dir, seed=0, scenes=args.source_scenes, epochs=args.source_epochs,
+                                        size=args.image_size)
     set_seed(seed)
     weights = args.encoder_weights
     model = dense.build_model(args.encoder, pretrained=weights == "imagenet")
@@ -159,9 +169,9 @@ def optimizer_for(args, model, steps: int):
     if args.recipe == "paper":
         parts = [torch.optim.SGD(rest, lr=args.lr, momentum=0.9, weight_decay=1e-4)]
     else:
-        parts = [torch.optim.Adam(rest, lr=args.lr)]
+        parts = [torch.optim.Adam(rest, lr=args.lr, foreach=True)]
     if factors:
-        parts.append(torch.optim.Adam(factors, lr=args.factor_lr))
+        parts.append(torch.optim.Adam(factors, lr=args.factor_lr, foreach=True))
     optimizer = optim.CombinedOptimizer(parts)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9)
     return optimizer, scheduler
@@ -193,6 +203,7 @@ def train_task(accelerator, args, model, task: str, train_set, seed: int) -> Non
 def evaluate(accelerator, args, predict, tasks, test_set, num_classes, tolerance, keep: int = 0):
     """Metrics per task over the test set; `predict(images)` returns {task: output}. Also the first `keep`
     predictions per task, for the picture."""
+    start = time.time()
     loader = accelerator.prepare_data_loader(DataLoader(test_set, batch_size=max(args.batch_size, 32)))
     metrics = {t: new_metric(t, num_classes, tolerance) for t in tasks}
     shown = {t: [] for t in tasks}
@@ -203,8 +214,9 @@ def evaluate(accelerator, args, predict, tasks, test_set, num_classes, tolerance
             metrics[t].update(pred.cpu(), true.cpu())
             if sum(len(s) for s in shown[t]) < keep:
                 shown[t].append(pred[:keep].cpu())
-    return ({t: float(m.compute()) for t, m in metrics.items()},
-            {t: torch.cat(s)[:keep] for t, s in shown.items() if s})
+    scores = {t: float(m.compute()) for t, m in metrics.items()}
+    EVAL_SECONDS[0] += time.time() - start
+    return scores, {t: torch.cat(s)[:keep] for t, s in shown.items() if s}
 
 
 def encoder_params(model) -> int:
@@ -235,6 +247,48 @@ def run_ftn(accelerator, args, source, rank, seed, data, channels, tolerance):
     per_task = {t: report[t].factor_params + report[t].norm_params for t in args.tasks}
     decoder = {t: report[t].head_params for t in args.tasks}
     return scores, shown, per_task, decoder
+
+
+@torch.no_grad()
+def fit_mean_predictor(args, train_set, tasks, num_classes):
+    """Per-pixel statistics of the training labels, one batch at a time: the predictor that ignores the image.
+    Returns `predict(images)` with outputs in the form the networks give (logits, normalized depth)."""
+    sums, counts = {}, {}
+    for _, maps in DataLoader(train_set, batch_size=max(args.batch_size, 32)):
+        for t in tasks:
+            y = maps[t]
+            if t == "semseg":  # votes per class; 255 (ignore) falls into an extra class that never wins
+                value = F.one_hot(torch.where(y == 255, num_classes, y), num_classes + 1).permute(0, 3, 1, 2).float()
+                valid = torch.ones_like(value[:, :1])
+            elif t == "depth":
+                valid = (y > 0).float()
+                value = y * valid
+            elif t == "normals":
+                valid, value = torch.ones_like(y[:, :1]), y
+            else:
+                valid, value = torch.ones_like(y), y.float()
+            sums[t] = sums.get(t, 0) + value.sum(0)
+            counts[t] = counts.get(t, 0) + valid.sum(0)
+    mean = {t: sums[t] / counts[t].clamp_min(1) for t in tasks}
+    fixed = {}
+    for t in tasks:
+        if t == "semseg":
+            fixed[t] = F.one_hot(mean[t][:num_classes].argmax(0), num_classes).permute(2, 0, 1).float()
+        elif t == "depth":  # the mean in metres, as the normalized output the depth heads give
+            fixed[t] = (mean[t] - DEPTH_SHIFT) / DEPTH_SCALE
+        elif t == "edges":
+            fixed[t] = torch.logit(mean[t], eps=1e-6)
+        else:
+            fixed[t] = mean[t]
+    return lambda images: {t: m.expand(images.shape[0], *m.shape).to(images.device) for t, m in fixed.items()}
+
+
+def run_mean(accelerator, args, seed, data, tolerance):
+    predict = fit_mean_predictor(args, data[0], args.tasks, data[2])
+    scores, shown = evaluate(accelerator, args, predict, args.tasks, data[1], data[2], tolerance,
+                             args.show if seed == args.seeds[0] else 0)
+    zero = {t: 0 for t in args.tasks}
+    return scores, shown, zero, zero
 
 
 def run_baseline(accelerator, args, source, method, seed, data, channels, tolerance):
@@ -269,6 +323,8 @@ def table(results, args, backbone: int) -> str:
             multiple = 1 + sum(per_task.values()) / backbone
         cells = [label, f"{statistics.mean(per_task.values()):,.0f}",
                  f"{statistics.mean(runs[0]['decoder'].values()):,.0f}", f"{multiple:.3f}×"]
+        if runs[0]["method"] == "mean":
+            cells[1:] = ["—", "—", "—"]
         for t in args.tasks:
             values = [r["scores"][t] * (100 if t in ("semseg", "edges") else 1) for r in runs]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -278,31 +334,40 @@ def table(results, args, backbone: int) -> str:
 
 
 def draw(path, tasks, test_set, shown):
-    """Rows: the truth, then each method; per test image, its input and one column per task."""
+    """Rows: the truth, then each method; per test image, its input and one column per task; a legend below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     n = min(len(v) for per in shown.values() for v in per.values())
     rows = ["truth"] + list(shown)
     cols = 1 + len(tasks)
-    fig, axes = plt.subplots(len(rows), cols * n, figsize=(1.1 * cols * n, 1.15 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), cols * n, figsize=(1.0 * cols * n + 1.3, 1.0 * len(rows) + 0.6),
+                             squeeze=False)
     for ax in axes.flat:
-        ax.axis("off")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    cmap = matplotlib.colormaps["tab10"]
     for i in range(n):
         image, maps = test_set[i]
         rgb = (image * scenes.SceneDataset.STD + scenes.SceneDataset.MEAN).permute(1, 2, 0).clamp(0, 1)
-        axes[0, i * cols].imshow(rgb)
-        axes[0, i * cols].set_title(f"test image {i}", fontsize=7)
         for r, label in enumerate(rows):
-            if r and i == 0:
-                axes[r, 0].text(0.0, 0.5, label.replace(" (", "\n("), fontsize=6, va="center")
+            ax = axes[r, i * cols]  # the input column: the image on the truth row, empty below
+            if r == 0:
+                ax.imshow(rgb)
+                ax.set_title(f"test image {i}", fontsize=8)
+            if i == 0:  # the row's name, as the first input column's label (an axis turned off hides its label)
+                ax.set_ylabel(textwrap.fill(label, 20), fontsize=7, rotation=0, ha="right", va="center")
+            if r > 0:
+                for side in ax.spines.values():
+                    side.set_visible(False)
             for j, t in enumerate(tasks):
                 ax = axes[r, i * cols + 1 + j]
                 m = maps[t] if r == 0 else shown[label][t][i]
                 if t == "semseg":
-                    ax.imshow(m, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+                    ax.imshow(m, cmap=cmap, vmin=0, vmax=9, interpolation="nearest")
                 elif t == "normals":
                     ax.imshow(((m.permute(1, 2, 0) + 1) / 2).clamp(0, 1))
                 elif t == "depth":
@@ -310,27 +375,42 @@ def draw(path, tasks, test_set, shown):
                 else:
                     ax.imshow(m[0], cmap="gray", vmin=0, vmax=1)
                 if r == 0:
-                    ax.set_title(t, fontsize=7)
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=100)
+                    ax.set_title(t, fontsize=8)
+    legend = [Patch(color=cmap(c), label=name) for c, name in enumerate(scenes.CLASSES)]
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=7, frameon=False,
+               title=f"semseg classes; depth: dark 0 m to yellow {scenes.MAX_DEPTH:.0f} m; normals: (x, y, z) as RGB; "
+                     "edges: probability, white = 1", title_fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1), pad=0.3)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.num_threads or args.dataset == "demo":
-        torch.set_num_threads(args.num_threads or 2)
+        # The demo's convs are small: a second thread gains little on an idle machine and, when another process
+        # wants the core, OpenMP's waiting threads made steps 2-6 times slower (measured on a shared 2-core machine).
+        torch.set_num_threads(args.num_threads or 1)
     accelerator = Accelerator()
     start = time.time()
     out = Path(args.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.jsonl").unlink(missing_ok=True)
+    phases = {}  # seconds per phase, printed at the end (where the time goes)
+
+    def timed(name, t0):
+        phases[name] = phases.get(name, 0.0) + time.time() - t0
+
+    t0 = time.time()
     with accelerator.main_process_first():  # the main process trains and caches the demo's source encoder
         source = source_model(args, args.seeds[0])
+    timed("source encoder (trained or read from the cache)", t0)
     results, pictures = [], {}
     for seed in args.seeds:
+        t0 = time.time()
         data = dense_data.load(args, seed)
+        timed("data (demo: rendering the scenes)", t0)
         channels = {t: (data[2] if t == "semseg" else scenes.TASKS[t]) for t in args.tasks}
         tolerance = args.edge_tolerance
         if tolerance is None:
@@ -340,13 +420,16 @@ def main(argv=None):
         labels += [("ftn", f"FTN, R={r}", r) for r in args.ranks if "ftn" in args.methods]
         for method, label, rank in labels:
             t0 = time.time()
-            if method == "ftn":
+            if method == "mean":
+                scores, shown, per_task, decoder = run_mean(accelerator, args, seed, data, tolerance)
+            elif method == "ftn":
                 scores, shown, per_task, decoder = run_ftn(accelerator, args, src, rank, seed, data, channels, tolerance)
             else:
                 scores, shown, per_task, decoder = run_baseline(accelerator, args, src, method, seed, data, channels,
                                                                 tolerance)
             results.append(dict(label=label, method=method, rank=rank, seed=seed, scores=scores, per_task=per_task,
                                 decoder=decoder, seconds=time.time() - t0))
+            timed(label, t0)
             if shown:
                 pictures[label] = shown
             accelerator.print(f"seed {seed} {label}: " + ", ".join(f"{t} {v:.4f}" for t, v in scores.items())
@@ -355,12 +438,15 @@ def main(argv=None):
                 with open(out / "results.jsonl", "a") as f:
                     f.write(json.dumps(results[-1]) + "\n")
         if seed == args.seeds[0] and accelerator.is_main_process and args.show and args.dataset == "demo":
+            t0 = time.time()
             draw(out / "predictions.png", args.tasks, data[1], pictures)
+            timed("picture", t0)
     if accelerator.is_main_process:
         text = table(results, args, encoder_params(source))
         (out / "results.md").write_text(text + "\n")
         print(text)
-        print(f"\nwall time {time.time() - start:.0f} s; outputs in {out}/")
+        print(f"\nwall time {time.time() - start:.0f} s ({'; '.join(f'{k} {v:.0f} s' for k, v in phases.items())}; "
+              f"evaluation included in each method's time: {EVAL_SECONDS[0]:.0f} s); outputs in {out}/")
     accelerator.end_training()
 
 
