@@ -36,7 +36,7 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 
 
 class DemoSplit(TensorDataset):
-    """A split of procedural scenes, rendered once (a few MB at 64 px); flips as augmentation when `train`."""
+    """A split of procedural scenes, rendered once (about 2 MB at 32 px); flips as augmentation when `train`."""
 
     def __init__(self, seed: int, length: int, size: int, train: bool):
         data = scenes.render_many(seed, length, size)

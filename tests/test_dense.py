@@ -162,6 +162,22 @@ def test_scenes_are_deterministic_and_their_labels_consistent():
         assert change.any() and (scene["edges"][0][change] == 1).all()
 
 
+def test_scene_depth_follows_the_geometry():
+    # A floor pixel's depth times its ray's downward slope is the camera height: the same for the whole floor of a
+    # scene and nearly the same for every scene (what makes depth readable from an image row).
+    from ftn_peft.demo.scenes import _rays, render
+
+    slope = _rays(32)[..., 1]
+    heights = []
+    for index in range(5):
+        scene = render(4, index, 32)
+        floor = scene["semseg"] == 0
+        h = (scene["depth"][0] * slope)[floor]
+        torch.testing.assert_close(h, torch.full_like(h, float(h.mean())), atol=1e-4, rtol=1e-4)
+        heights.append(float(h.mean()))
+    assert all(1.05 <= h <= 1.15 for h in heights) and len(set(heights)) == 5
+
+
 def _fake_nyud(root: Path, ids=("a", "b")):
     from PIL import Image
 
@@ -205,6 +221,30 @@ def test_nyud_folder_loader_reads_the_documented_layout(tmp_path):
         dense_data.NYUDFolder(tmp_path, "test")
 
 
+def test_mean_predictor_is_the_per_pixel_statistic_of_the_training_labels():
+    sys.path.insert(0, str(EXAMPLES))
+    import train_dense
+
+    seg = torch.tensor([[[0, 1]], [[0, 2]], [[1, 2]]])  # three 1×2 label maps; pixel 0: class 0 twice
+    depth = torch.tensor([[[[2.0, 0.0]]], [[[4.0, 3.0]]], [[[6.0, 0.0]]]])  # 0 = missing: pixel 1's mean is 3
+    normals = torch.zeros(3, 3, 1, 2)
+    normals[:, 2] = -1.0
+    normals[0, :, 0, 1] = torch.tensor([1.0, 0.0, 0.0])
+    edges = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 0.0]]], [[[1.0, 1.0]]]])
+    train = [(torch.zeros(3, 1, 2), {"semseg": seg[i], "depth": depth[i], "normals": normals[i], "edges": edges[i]})
+             for i in range(3)]
+    args = train_dense.parse_args(["--batch_size", "2"])
+    predict = train_dense.fit_mean_predictor(args, train, list(TASKS), num_classes=3)
+    out = predict(torch.zeros(2, 3, 1, 2))
+    maps = {t: train_dense.as_map(t, v) for t, v in out.items()}
+    assert maps["semseg"].tolist() == [[[0, 2]]] * 2
+    torch.testing.assert_close(maps["depth"], torch.tensor([[[[4.0, 3.0]]]] * 2))
+    torch.testing.assert_close(maps["normals"][0, :, 0, 0], torch.tensor([0.0, 0.0, -1.0]))
+    torch.testing.assert_close(maps["normals"][0, :, 0, 1], torch.nn.functional.normalize(
+        torch.tensor([1.0, 0.0, -2.0]), dim=0))
+    torch.testing.assert_close(maps["edges"], torch.tensor([[[[2 / 3, 1 / 3]]]] * 2))
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, monkeypatch):
     sys.path.insert(0, str(EXAMPLES))
@@ -215,7 +255,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
                       "--show", "2", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
                       "--num_threads", "1"])
     table = (tmp_path / "out" / "results.md").read_text()
-    for label in ("Fine-tuning", "Feature extractor", "BatchNorm + decoder", "FTN, R=1"):
+    for label in ("Mean / majority per pixel", "Fine-tuning", "Feature extractor", "BatchNorm + decoder", "FTN, R=1"):
         assert label in table
     assert "4.000×" in table and "SemSeg mIoU" in table and "Edge odsF" in table
     assert (tmp_path / "out" / "predictions.png").stat().st_size > 1000

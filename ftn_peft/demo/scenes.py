@@ -1,7 +1,8 @@
 """Procedural indoor scenes with four consistent dense labels, generated at run time (no download).
 
-Each scene is ray-cast from a pinhole camera: a floor, a back wall (sometimes a side wall) and a few boxes (turned
-about the vertical axis) and spheres at random depths. For every pixel the nearest surface gives
+Each scene is ray-cast from a pinhole camera at a nearly fixed height (1.05 to 1.15 m, looking level): a floor, a
+back wall 4.5 to 7.5 m away (sometimes a side wall) and a few boxes (turned about the vertical axis) and spheres
+standing on the floor at random depths; how far down an object meets the floor tells its depth. For every pixel the nearest surface gives
 - the semantic class (`CLASSES`: floor, wall, box, sphere),
 - the depth (the camera's z distance),
 - the surface normal (unit vector in camera coordinates),
@@ -207,14 +208,15 @@ ARCH = dict(encoder="resnet18", channels=(16, 32, 64, 128), stem_width=16, layer
 
 def build_model(num_outputs: int = 1):
     """The demo's `DenseModel`: a tiny timm ResNet encoder (one BasicBlock per stage, widths 16 to 128, output
-    stride 16) and a DeepLabv3+ decoder with 32 channels; dilation rates 1, 2, 3 fit 4×4 deepest features."""
+    stride 8) and a DeepLabv3+ decoder with 32 channels; dilation rates 1, 2, 3 fit the 4×4 deepest features of a
+    32 px scene."""
     from ..dense import build_model as build
 
     return build(num_outputs=num_outputs, **ARCH)
 
 
 def render_many(seed: int, length: int, size: int = IMAGE_SIZE) -> dict[str, torch.Tensor]:
-    """Scenes ``0..length-1`` of ``seed`` stacked per key (the demo's splits are a few MB at 64 px)."""
+    """Scenes ``0..length-1`` of ``seed`` stacked per key (the demo's splits are about 2 MB at 32 px)."""
     scenes = [render(seed, i, size) for i in range(length)]
     return {k: torch.stack([s[k] for s in scenes]) for k in scenes[0]}
 
