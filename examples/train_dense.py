@@ -391,8 +391,8 @@ def draw(path, tasks, test_set, shown):
 def main(argv=None):
     args = parse_args(argv)
     if args.num_threads or args.dataset == "demo":
-        # The demo's convs are small: a second thread gains little on an idle machine and, when another process
-        # wants the core, OpenMP's waiting threads made steps 2-6 times slower (measured on a shared 2-core machine).
+        # The demo's convs are small; on a shared 2-core machine with other jobs running, steps with two threads
+        # took 2-6 times as long as with one (docs/dense.md).
         torch.set_num_threads(args.num_threads or 1)
     accelerator = Accelerator()
     start = time.time()
