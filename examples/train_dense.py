@@ -12,7 +12,8 @@ draws a few test predictions.
 
 With no arguments the encoder is a tiny ResNet pretrained on source scenes (cached in ~/.cache/ftn_peft), the
 images are 32 px and every method is trained with Adam for 8 epochs of 160 scenes; a per-pixel mean / majority
-predictor (no image) is the row to beat; about 5 minutes on two CPU cores for 3 seeds (docs/dense.md). `--recipe paper` is the paper's NYUD
+predictor (no image) is the row to beat. 3 seeds: 230 s of CPU time, 5.5 min wall on a busy 2-core machine
+(docs/dense.md). `--recipe paper` is the paper's NYUD
 recipe: SGD, lr 0.005, momentum 0.9, weight decay 1e-4, polynomial decay, batch 8, 60 epochs, random scaling 0.5-2,
 flips and 425×560 crops, an ImageNet ResNet-18 (`--encoder_weights imagenet` downloads it through timm); the FTN
 factors use Adam at the paper's factor lr 0.005. The FTN adapters of each rank and seed are saved together
