@@ -28,7 +28,7 @@ from .compute_path import (  # noqa: F401  (re-exported: the cost model used to 
 )
 from .routing import BASE_ADAPTER, FTNTunerLayer  # noqa: F401  (re-exported for `from ftn_peft.layer import ...`)
 from .grouped import grouped_forward
-from .weight_cache import InferenceCacheMixin, LayerWeightCache
+from .weight_cache import InferenceCacheMixin, LayerWeightCache, has_forward_hooks
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -107,6 +107,7 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
         kind = self._default_kind(num_heads, style)
         dims = FF.factor_dims(kind, self._linear_layout_shape(), num_heads)
         self._path_cache.clear()
+        self._weight_cache.clear()  # a re-added adapter's new factors
         self.r[adapter_name] = r
         self.alpha[adapter_name] = alpha
         self.scaling[adapter_name] = 1.0 if alpha is None else alpha / r
@@ -171,6 +172,7 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        self._weight_cache.clear()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self._available():
@@ -187,7 +189,8 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
         cached = self._cached_weight(adapters)
         if cached is not None:
             return self._forward_with_weight(x, cached)
-        if all(self._use_factorized(a, x) for a in adapters):
+        # Forward hooks on the base layer see its own output, as with LoRA: only the factorized path calls it.
+        if has_forward_hooks(base) or all(self._use_factorized(a, x) for a in adapters):
             out = self._base_forward(x)
             for a in adapters:
                 out = out + self._delta_activations(x, a).to(out.dtype)
@@ -243,6 +246,14 @@ class Conv(FTNLayer):
     def _forward_with_weight(self, x, weight):
         base = self.get_base_layer()
         return base._conv_forward(x, weight, base.bias)
+
+    def _fast_op(self, weight):
+        base = self.get_base_layer()
+        op = F.conv2d if isinstance(base, nn.Conv2d) else F.conv1d if isinstance(base, nn.Conv1d) else None
+        if op is None or base.padding_mode != "zeros":
+            return super()._fast_op(weight)
+        bias, stride, padding, dilation, groups = base.bias, base.stride, base.padding, base.dilation, base.groups
+        return lambda x: op(x, weight, bias, stride, padding, dilation, groups)
 
     def _delta_activations(self, x, adapter):
         base = self.get_base_layer()
@@ -339,6 +350,10 @@ class Linear(FTNLayer):
     def _forward_with_weight(self, x, weight):
         return F.linear(x, weight, self.get_base_layer().bias)
 
+    def _fast_op(self, weight):
+        bias = self.get_base_layer().bias
+        return lambda x: F.linear(x, weight, bias)
+
     def _delta_activations(self, x, adapter):
         x, factors = self._adapter_inputs(x, adapter)
         return FF.linear_delta(self.kind[adapter], x, factors, self.scaling[adapter])
@@ -352,6 +367,9 @@ class TransformersConv1D(Linear):
 
     def _to_base_layout(self, delta):
         return delta.t()
+
+    def _fast_op(self, weight):
+        return lambda x: self._forward_with_weight(x, weight)
 
     def _forward_with_weight(self, x, weight):
         out = torch.addmm(self.get_base_layer().bias, x.reshape(-1, x.shape[-1]), weight)

@@ -13,12 +13,14 @@ All FTN layers of a model share one `CacheBudget`: a least-recently-used set of 
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections import OrderedDict
 from typing import Callable, Hashable, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB per model: ResNet-50 adapted everywhere holds ~94 MB per adapter
 
@@ -88,6 +90,48 @@ def _signature(tensors: tuple[torch.Tensor, ...], extra: tuple) -> Optional[tupl
         return None
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward (pre-)hooks, its own or global ones: paths that skip the call
+    would skip them."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _nn_module._global_forward_hooks
+        or _nn_module._global_forward_pre_hooks
+    )
+
+
+_version = operator.attrgetter("_version")
+_data_ptr = torch.Tensor.data_ptr
+
+
+class FastPath:
+    """A layer's last cache hit, re-checked on each call in a few µs instead of redoing the whole lookup.
+
+    The lookup (`InferenceCacheMixin._cached_weight`: the active adapters, the source tensors, their signature, the
+    entry) costs ~15 µs a call in Python, against ~5 µs for a small conv: in ResNet-50's 53 adapted convs that was
+    most of what unmerged inference cost over the base model (docs/benchmarks.md). The re-check keeps every
+    condition of the lookup: the same active adapters, the same source tensors (identity, version counter and
+    storage), the same scalings and compute modes, no forward hooks on the base layer; the entry's removal (budget
+    eviction, `clear`, `train()`, `.to()`, merging, `delete_adapter`) drops this record with it.
+    """
+
+    __slots__ = ("active", "adapters", "holders", "names", "tensors", "versions", "ptrs", "scalings", "base", "op",
+                 "touch")
+
+    def valid(self, layer) -> bool:
+        active = layer._active_adapter
+        return (
+            (active == self.active)
+            and all(map(operator.is_, map(dict.get, self.holders, self.names), self.tensors))
+            and list(map(_version, self.tensors)) == self.versions
+            and list(map(_data_ptr, self.tensors)) == self.ptrs
+            and list(map(layer.scaling.get, self.adapters)) == self.scalings
+            and all(layer.compute.get(a) == "auto" for a in self.adapters)
+            and not has_forward_hooks(self.base)
+        )
+
+
 class LayerWeightCache:
     """One layer's cached tensors, each valid while the tensors it was built from are unchanged."""
 
@@ -95,6 +139,7 @@ class LayerWeightCache:
         self.budget = budget if budget is not None else CacheBudget()
         # key -> (weak references to the sources, their signature, the cached value, its bytes)
         self._entries: dict[Hashable, tuple] = {}
+        self.fast: Optional[FastPath] = None  # the last hit, for the single-adapter fast path (`FastPath`)
 
     @property
     def enabled(self) -> bool:
@@ -124,14 +169,17 @@ class LayerWeightCache:
         return value
 
     def _drop(self, key: Hashable) -> None:  # called by the budget, which already forgot the entry
+        self.fast = None
         self._entries.pop(key, None)
 
     def drop(self, key: Hashable) -> None:
+        self.fast = None
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.budget.release(self, key, entry[3])
 
     def clear(self) -> None:
+        self.fast = None
         for key in list(self._entries):
             self.drop(key)
 
@@ -141,7 +189,7 @@ class LayerWeightCache:
         return LayerWeightCache(deepcopy(self.budget, memo))
 
     def __getstate__(self) -> dict:
-        return {"budget": self.budget, "_entries": {}}
+        return {"budget": self.budget, "_entries": {}, "fast": None}
 
 
 class InferenceCacheMixin:
@@ -181,14 +229,58 @@ class InferenceCacheMixin:
                 weight = weight + self.get_delta_weight(a)
         return weight
 
-    def _cached_weight(self, adapters: list[str]) -> Optional[torch.Tensor]:
-        """The cached ``W + Σ ΔW`` of the active ``adapters``, or None where the cache does not apply."""
-        if not self._cache_applies(adapters):
+    def _cached_weight(self, adapters: list[str], fast: bool = False) -> Optional[torch.Tensor]:
+        """The cached ``W + Σ ΔW`` of the active ``adapters``, or None where the cache does not apply (or the base
+        layer has forward hooks: the cached op would skip its call, so the uncached paths run, as LoRA calls it).
+        ``fast``: record the hit for `_fast_forward`."""
+        if not self._cache_applies(adapters) or has_forward_hooks(self.get_base_layer()):
             return None
         tensors, extra = self._cache_sources(adapters)
         if not tensors:
             return None
-        return self._weight_cache.get_or_build(tuple(adapters), tensors, extra, lambda: self._adapted_weight(adapters))
+        key = tuple(adapters)
+        cache = self._weight_cache
+        weight = cache.get_or_build(key, tensors, extra, lambda: self._adapted_weight(adapters))
+        if fast and key in cache._entries:
+            cache.fast = self._fast_path(adapters, key, tensors, extra, weight)
+        return weight
+
+    def _fast_path(self, adapters, key, tensors, extra, weight) -> FastPath:
+        base = self.get_base_layer()
+        names = ["weight"] if base._parameters.get("bias") is None else ["weight", "bias"]
+        holders = [base._parameters] * len(names)
+        containers = [self._modules[n]._parameters for n in self.adapter_layer_names]
+        for a in adapters:
+            holders.extend(c for c in containers if a in c)
+            names.extend(a for c in containers if a in c)
+        fast = FastPath()
+        active = self._active_adapter
+        fast.active = list(active) if isinstance(active, list) else active  # a copy: lists can change in place
+        fast.adapters, fast.holders, fast.names, fast.tensors = list(adapters), holders, names, tensors
+        fast.versions, fast.ptrs = list(map(_version, tensors)), list(map(_data_ptr, tensors))
+        fast.scalings, fast.base, fast.op = list(extra), base, self._fast_op(weight)
+        fast.touch = (self._weight_cache.budget._lru.move_to_end, (id(self._weight_cache), key))
+        return fast
+
+    def _fast_op(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The base op with ``weight`` bound (the layer kinds bind their functional op directly)."""
+        return lambda x: self._forward_with_weight(x, weight)
+
+    def _fast_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The recorded cache hit's op when every condition of the lookup still holds (`FastPath`); else None."""
+        fast = self._weight_cache.fast
+        if (
+            fast is None
+            or self.training
+            or self._disable_adapters
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or not fast.valid(self)
+        ):
+            return None
+        touch, key = fast.touch  # keep the budget's least-recently-used order
+        touch(key)
+        return fast.op(x)
 
     def _inference_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """One base op when merged (the base layer itself) or when the cache applies; None otherwise."""
@@ -196,8 +288,11 @@ class InferenceCacheMixin:
             return None
         if self.merged_adapters:
             return self._modules["base_layer"](x)
+        out = self._fast_forward(x)
+        if out is not None:
+            return out
         adapters = self._active_here()
-        weight = self._cached_weight(adapters) if adapters else None
+        weight = self._cached_weight(adapters, fast=True) if adapters else None
         return None if weight is None else self._forward_with_weight(x, weight)
 
     def get_base_layer(self) -> nn.Module:
