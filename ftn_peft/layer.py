@@ -202,6 +202,9 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
         if adapter_names is None and not args and not kwargs:
+            out = self._fast_forward(x)  # the last cache hit, re-checked (weight_cache.FastPath)
+            if out is not None:
+                return out
             out = self._inference_forward(x)  # merged, or eval without gradients: one base op (weight_cache.py)
             if out is not None:
                 return out
@@ -252,8 +255,7 @@ class Conv(FTNLayer):
         op = F.conv2d if isinstance(base, nn.Conv2d) else F.conv1d if isinstance(base, nn.Conv1d) else None
         if op is None or base.padding_mode != "zeros":
             return super()._fast_op(weight)
-        bias, stride, padding, dilation, groups = base.bias, base.stride, base.padding, base.dilation, base.groups
-        return lambda x: op(x, weight, bias, stride, padding, dilation, groups)
+        return op, (weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
 
     def _delta_activations(self, x, adapter):
         base = self.get_base_layer()
@@ -351,8 +353,7 @@ class Linear(FTNLayer):
         return F.linear(x, weight, self.get_base_layer().bias)
 
     def _fast_op(self, weight):
-        bias = self.get_base_layer().bias
-        return lambda x: F.linear(x, weight, bias)
+        return F.linear, (weight, self.get_base_layer().bias)
 
     def _delta_activations(self, x, adapter):
         x, factors = self._adapter_inputs(x, adapter)
@@ -368,8 +369,7 @@ class TransformersConv1D(Linear):
     def _to_base_layout(self, delta):
         return delta.t()
 
-    def _fast_op(self, weight):
-        return lambda x: self._forward_with_weight(x, weight)
+    _fast_op = FTNLayer._fast_op  # not Linear's: the weight is stored transposed
 
     def _forward_with_weight(self, x, weight):
         out = torch.addmm(self.get_base_layer().bias, x.reshape(-1, x.shape[-1]), weight)
