@@ -2,12 +2,16 @@
 
     python benchmarks/bench_inference.py --backbone resnet50 --part single           # targets 1 and 2
     python benchmarks/bench_inference.py --backbone clip-qv --part single
+    python benchmarks/bench_inference.py --backbone resnet50 --part instances --repeats 20  # the spread of copies
     python benchmarks/bench_inference.py --backbone resnet18 --part mixed --batch_size 40  # target 3
     python benchmarks/bench_inference.py --backbone clip-qv --part mixed --batch_size 20
 
 single: one batch in eval mode under torch.inference_mode: base, a copy of base (the noise floor), FTN unmerged with the weight cache (default),
 FTN unmerged without it (`set_inference_cache(model, enabled=False)`: the factorized/materialized paths), LoRA
 unmerged at the same r, FTN merged with the wrappers kept (`merge_adapter()`), LoRA merged.
+instances: K independent copies each of base, FTN merged (wrappers kept), FTN unmerged with the cache and LoRA
+merged at the first r, all timed against the same base: how much one copy of the same model differs from another
+(where its weights happen to lie in memory), the noise floor that one "base copy" per row samples only once.
 mixed: a batch of B samples spread over T adapters (sample i to adapter i mod T) for each T: base on the whole
 batch, FTN `model(x, adapter_names=...)` (one pass per layer, grouped.py), a `set_adapter` loop over the groups,
 T merged models (one plain backbone per adapter, each on its rows; T distinct copies for ResNets, one tower run T
@@ -123,6 +127,38 @@ def single(args, backbone, x) -> dict:
     return results
 
 
+INSTANCE_KINDS = ("base copy", "ftn merged", "ftn cached", "lora merged")
+
+
+def instances(args, backbone, x) -> dict:
+    r = args.ranks[0]
+    models = {"base": copy.deepcopy(backbone.model).eval()}
+    for k in range(args.instances):
+        models[f"base copy {k}"] = copy.deepcopy(backbone.model).eval()
+        models[f"ftn merged {k}"] = _ftn(backbone, r, ["default"])
+        models[f"ftn merged {k}"].base_model.merge_adapter()
+        models[f"ftn cached {k}"] = _ftn(backbone, r, ["default"])
+        models[f"lora merged {k}"] = _lora(backbone, r, ["default"])
+        models[f"lora merged {k}"].base_model.merge_adapter()
+    jobs = {n: (lambda m=m: backbone.forward(m, x)) for n, m in models.items()}
+    rows = ratios(timed_repeats(jobs, args.repeats))
+    results = {}
+    for kind in INSTANCE_KINDS:
+        medians = [rows[f"{kind} {k}"][CLOCK]["median"] for k in range(args.instances)]
+        results[kind] = {"instances": medians, "seconds": rows["base"]["seconds"]}
+        print(f"{kind}: " + " ".join(f"{m:.3f}" for m in medians), flush=True)
+    return results
+
+
+def instances_table(results: dict, title: str) -> str:
+    lines = [f"### {title}", "", "| | median ratio to base, per copy | mean | base s |", "|---|---|---|---|"]
+    for kind, row in results.items():
+        cells = " ".join(f"{m:.3f}" for m in row["instances"])
+        mean = sum(row["instances"]) / len(row["instances"])
+        lines.append(f"| {kind} | {cells} | {mean:.3f} | {row['seconds']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def mixed(args, backbone, x) -> dict:
     base = copy.deepcopy(backbone.model).eval()
     results = {}
@@ -179,12 +215,13 @@ def table(results: dict, title: str) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="resnet50", choices=sorted(C.CPU_SIZES))
-    p.add_argument("--part", default="single", choices=["single", "mixed"])
+    p.add_argument("--part", default="single", choices=["single", "instances", "mixed"])
     p.add_argument("--batch_size", type=int, default=None, help="default: the backbone's CPU size")
     p.add_argument("--image_size", type=int, default=None)
     p.add_argument("--ranks", type=int, nargs="+", default=[4], help="single: every r; mixed: the first")
     p.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 5, 10, 20])
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--instances", type=int, default=4, help="instances: copies of each model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU: wall time with synchronization)")
     p.add_argument("--out", default=None, help=C.OUT_HELP)
@@ -198,11 +235,15 @@ def main(argv=None) -> None:
     backbone.model.to(args.device)  # every method is a deep copy of it
     x = backbone.make_input(batch, size).to(args.device)
     start = time.perf_counter()
-    results = (single if args.part == "single" else mixed)(args, backbone, x)
+    results = {"single": single, "instances": instances, "mixed": mixed}[args.part](args, backbone, x)
     command = "python benchmarks/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
     clock = "CPU time" if CLOCK == "cpu" else f"{args.device} wall time"
     title = f"{args.backbone}, batch {batch}, {size} px, {args.threads} thread(s), {clock} ratios to base"
-    text = f"`{command}` ({time.perf_counter() - start:.0f} s)\n\n" + table(results, title)
+    if args.part == "instances":
+        title = f"{args.backbone}, r={args.ranks[0]}, {args.instances} copies of each model, " + title.split(", ", 1)[1]
+    text = f"`{command}` ({time.perf_counter() - start:.0f} s)\n\n" + (
+        instances_table if args.part == "instances" else table
+    )(results, title)
     print(text)
     out = C.output_dir(args.out, "bench_inference")
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
