@@ -223,6 +223,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--instances", type=int, default=4, help="instances: copies of each model")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--channels_last", action="store_true", help="ResNets: weights and input in channels_last")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU: wall time with synchronization)")
     p.add_argument("--out", default=None, help=C.OUT_HELP)
     args = p.parse_args(argv)
@@ -234,11 +235,17 @@ def main(argv=None) -> None:
     backbone = C.build_backbone(args.backbone, size)
     backbone.model.to(args.device)  # every method is a deep copy of it
     x = backbone.make_input(batch, size).to(args.device)
+    if args.channels_last:
+        if x.dim() != 4:
+            raise ValueError(f"--channels_last needs a conv backbone with 4-d inputs; {args.backbone} takes {x.dim()}-d")
+        backbone.model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
     start = time.perf_counter()
     results = {"single": single, "instances": instances, "mixed": mixed}[args.part](args, backbone, x)
     command = "python benchmarks/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
     clock = "CPU time" if CLOCK == "cpu" else f"{args.device} wall time"
-    title = f"{args.backbone}, batch {batch}, {size} px, {args.threads} thread(s), {clock} ratios to base"
+    layout = ", channels_last" if args.channels_last else ""
+    title = f"{args.backbone}, batch {batch}, {size} px{layout}, {args.threads} thread(s), {clock} ratios to base"
     if args.part == "instances":
         title = f"{args.backbone}, r={args.ranks[0]}, {args.instances} copies of each model, " + title.split(", ", 1)[1]
     text = f"`{command}` ({time.perf_counter() - start:.0f} s)\n\n" + (

@@ -186,6 +186,20 @@ def test_eviction_drops_the_recorded_hit(lookups):
     assert len(lookups) == 2
 
 
+def test_cached_weight_keeps_channels_last():
+    model, layer, x, reference = make("layers:conv2d_3x3")
+    model.to(memory_format=torch.channels_last)
+    x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)
+        out = model(x)
+        expected = reference()
+    weight = layer._weight_cache.fast.args[0]
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 # --- task BatchNorm in eval mode --------------------------------------------------------------------------------
 
 
