@@ -254,6 +254,7 @@ def main(argv=None) -> None:
     print(text)
     out = C.output_dir(args.out, "bench_inference")
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    suffix += "_channels_last" if args.channels_last else ""
     stem = os.path.join(out, f"inference_{args.part}_{args.backbone}{suffix}")
     with open(stem + ".md", "w") as f:
         f.write(text)
