@@ -109,8 +109,9 @@ class FastPath:
     """A layer's last cache hit, re-checked on each call in a few µs instead of redoing the whole lookup.
 
     The lookup (`InferenceCacheMixin._cached_weight`: the active adapters, the source tensors, their signature, the
-    entry) costs ~15 µs a call in Python, against ~5 µs for a small conv: in ResNet-50's 53 adapted convs that was
-    most of what unmerged inference cost over the base model (docs/benchmarks.md). The re-check keeps every
+    entry) ran ~58 Python calls, ~12 µs a call in a hot loop and more inside a forward, against ~5 µs for a small
+    conv: on ResNet-50's 52 adapted convs most of what unmerged inference cost over the base model
+    (docs/benchmarks.md, "Where the overhead was"). The re-check keeps every
     condition of the lookup: the same active adapters, the same source tensors (identity, version counter and
     storage), the same scalings and compute modes, no forward hooks on the base layer; the entry's removal (budget
     eviction, `clear`, `train()`, `.to()`, merging, `delete_adapter`) drops this record with it.
