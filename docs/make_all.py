@@ -27,7 +27,7 @@ Timings are only meaningful on an otherwise idle machine: the benchmarks say so 
 | scaling | benchmarks/bench_scaling.py | scaling_resnet18_cpu.{md,json,png} |
 | serving | benchmarks/bench_serving.py | serving_bench.json, serving.png |
 | bench_data | benchmarks/bench_data.py (streamed data: peak RSS, loader speed) | bench_data_cpu.{md,json} |
-| inference_single_resnet50, inference_single_clip-qv, inference_mixed_resnet18, inference_mixed_clip-qv | benchmarks/bench_inference.py | inference_<part>_<backbone>.{md,json} |
+| inference_single_resnet50(_channels_last), inference_instances_resnet50, inference_single_clip-qv, inference_mixed_resnet18, inference_mixed_clip-qv | benchmarks/bench_inference.py | inference_<part>_<backbone>[_channels_last].{md,json} |
 | zoo | benchmarks/zoo_table.py | zoo.md |
 | dense | examples/train_dense.py (3 seeds) | dense_results.md, dense_predictions.png |
 """
@@ -114,14 +114,18 @@ JOBS = [
          "--image_size", "32", "--source_scenes", "8", "--source_epochs", "1", "--cache_dir", "{work}/../cache"],
         ["dense_results.md", "dense_predictions.png"],
         {"results.md": "dense_results.md", "predictions.png": "dense_predictions.png"}),
-    *[Job(f"inference_{part}_{b}", "benchmarks/bench_inference.py",
+    *[Job(f"inference_{part}_{b}{suffix}", "benchmarks/bench_inference.py",
           ["--backbone", b, "--part", part, "--out", "{out}", *args],
-          ["--ranks", "1", "--tasks", "1", "2", "--repeats", "1", "--image_size", "32", "--batch_size", "2"],
-          [f"inference_{part}_{b}.{ext}" for ext in ("md", "json")])
-      for b, part, args in (("resnet50", "single", ["--ranks", "1", "4", "16", "50"]),
-                            ("clip-qv", "single", ["--ranks", "1", "4", "16", "50"]),
-                            ("resnet18", "mixed", ["--batch_size", "40", "--repeats", "7"]),
-                            ("clip-qv", "mixed", ["--batch_size", "20", "--repeats", "5"]))],
+          ["--ranks", "1", "--tasks", "1", "2", "--repeats", "1", "--image_size", "32", "--batch_size", "2",
+           "--instances", "1"],
+          [f"inference_{part}_{b}{suffix}.{ext}" for ext in ("md", "json")])
+      for b, part, suffix, args in (("resnet50", "single", "", ["--ranks", "1", "4", "16", "50"]),
+                                    ("resnet50", "single", "_channels_last", ["--ranks", "1", "4", "16", "50",
+                                                                               "--channels_last"]),
+                                    ("resnet50", "instances", "", ["--repeats", "20"]),
+                                    ("clip-qv", "single", "", ["--ranks", "1", "4", "16", "50"]),
+                                    ("resnet18", "mixed", "", ["--batch_size", "40", "--repeats", "7"]),
+                                    ("clip-qv", "mixed", "", ["--batch_size", "20", "--repeats", "5"]))],
 ]
 
 
