@@ -8,6 +8,7 @@ tests/test_atomic_save.py, which mutation testing cannot see; here they run in t
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -87,8 +88,11 @@ def test_save_file_by_file_where_the_target_cannot_move(tmp_path, images, monkey
     model.eval()
     expected = model(images).detach()
     monkeypatch.setattr(os, "replace", recording_replace)
+    steps = []
+    monkeypatch.setattr(saving, "_on_step", steps.append)
     model.save_pretrained(target)
     monkeypatch.undo()
+    assert steps.count("replaced") == len(replaced)  # a kill point after each file
     _check_second_save(model, target, images, expected)
     # the second adapter's subfolder is created in the target; weights first, then configs, the card last
     assert (target / "second" / "adapter_config.json").is_file()
@@ -250,4 +254,151 @@ def test_a_target_that_cannot_be_renamed_is_updated_file_by_file(tmp_path, image
     monkeypatch.undo()
     loaded = PeftModel.from_pretrained(tiny_timm_resnet(), target)
     assert torch.equal(_first_factor(loaded), _first_factor(model))
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_the_users_links_are_kept_as_links_and_the_saves_file_wins_over_a_folder(tmp_path):
+    model = _model()
+    target = tmp_path / "adapter"
+    model.save_pretrained(target)
+    (target / USER_FILE).write_bytes(b"state")
+    (target / "latest").symlink_to(USER_FILE)  # a relative link to a file
+    for name in ("a_logs", "m_logs", "z_logs"):  # folders walked before and after the clash below
+        (target / name).mkdir()
+        (target / name / "run.txt").write_text(name)
+    (target / "current").symlink_to("m_logs", target_is_directory=True)  # a link to a folder: not walked
+    clash = target / "adapter_model.safetensors"  # where the new save writes a file, the target has a folder
+    clash.unlink()
+    (clash / "sub").mkdir(parents=True)
+    (clash / "sub" / "stale.txt").write_text("old")
+    _bump(model)
+    model.save_pretrained(target)
+    assert os.readlink(target / "latest") == USER_FILE and (target / "latest").read_bytes() == b"state"
+    assert os.readlink(target / "current") == "m_logs"
+    for name in ("a_logs", "m_logs", "z_logs"):
+        assert (target / name / "run.txt").read_text() == name
+    assert clash.is_file()  # the save's file, which loads
+    loaded = PeftModel.from_pretrained(tiny_timm_resnet(), target)
+    assert torch.equal(_first_factor(loaded), _first_factor(model))
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_a_save_reports_its_steps_in_order(tmp_path, monkeypatch):
+    """The step names are the kill points of tests/test_atomic_save.py (a fresh process, unseen by mutmut)."""
+    model = _model()
+    target = tmp_path / "adapter"
+    model.save_pretrained(target)
+    (target / USER_FILE).write_bytes(b"state")
+    steps = []
+    monkeypatch.setattr(saving, "_on_step", steps.append)
+    model.save_pretrained(target)
+    assert steps == ["cleaned", "card", "written", "tagged", "link", "linked", "synced", "swapped", "published",
+                     "removed"]
+
+
+def test_every_file_and_folder_of_the_new_tree_is_fsynced(tmp_path, monkeypatch):
+    model = _model()
+    target = tmp_path / "adapter"
+    model.save_pretrained(target)
+    (target / "logs").mkdir()
+    (target / "logs" / "run.txt").write_text("epoch 1")
+    synced = set()
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    model.save_pretrained(target)
+    monkeypatch.undo()
+    paths = [tmp_path, target, *target.rglob("*")]  # the new tree, now at the target, and the parent folder
+    assert len(paths) == 7
+    for path in paths:
+        st = path.stat()
+        assert (st.st_dev, st.st_ino) in synced, path
+
+
+def test_a_file_that_cannot_be_hard_linked_is_copied(tmp_path, monkeypatch):
+    model = _model()
+    target = tmp_path / "adapter"
+    model.save_pretrained(target)
+    (target / USER_FILE).write_bytes(b"state")
+
+    def no_links(src, dest):
+        raise OSError(1, "links not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    model.save_pretrained(target)
+    assert (target / USER_FILE).read_bytes() == b"state"
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_a_read_only_parent_folder_is_named_with_the_fix(tmp_path, monkeypatch):
+    model = _model()
+    target = tmp_path / "adapter"
+    target.mkdir()
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "mkdir", refused)  # as in a read-only parent (chmod does not stop root)
+    with pytest.raises(PermissionError) as info:
+        model.save_pretrained(target)
+    staging = re.fullmatch(r"cannot create '(.*)': .*", str(info.value)).group(1)
+    assert os.path.dirname(staging) == str(tmp_path) and saving.is_leftover(os.path.basename(staging))
+    assert str(info.value).endswith(
+        f": a crash-safe save builds the new adapter beside {str(target)!r}, so its parent folder must be writable; "
+        "make it writable or save into a folder whose parent is"
+    )
+    assert isinstance(info.value.__cause__, PermissionError)
+
+
+def test_save_arguments_reach_peft_by_position_and_by_keyword(tmp_path):
+    model = _model()
+    model.add_adapter("b", ftn_peft.presets.resnet(r=1))
+    model.save_pretrained(tmp_path / "positional", True, ["b"])  # safe_serialization, selected_adapters
+    model.save_pretrained(tmp_path / "keyword", selected_adapters=["b"])
+    for name in ("positional", "keyword"):
+        assert sorted(os.listdir(tmp_path / name)) == ["README.md", "b"]  # only adapter "b", in its subfolder
+
+
+def test_a_working_directory_inside_the_target_follows_the_new_tree(tmp_path, monkeypatch):
+    model = _model()
+    target = tmp_path / "adapter"
+    model.save_pretrained(target)
+    (target / "logs").mkdir()
+    monkeypatch.chdir(target / "logs")
+    model.save_pretrained(target)
+    assert os.getcwd() == str((target / "logs").resolve())  # the same folder, in the new tree
+    (target / "logs").rmdir()
+    clash = target / "adapter_model.safetensors"  # a folder of the old tree where the save writes a file
+    clash.unlink()
+    (clash / "sub").mkdir(parents=True)
+    monkeypatch.chdir(clash / "sub")
+    model.save_pretrained(target)
+    assert os.getcwd() == str(target.resolve()) and clash.is_file()  # its folder is gone: the target instead
+
+
+def test_a_save_whose_old_tree_cannot_be_removed_still_succeeds(tmp_path, monkeypatch):
+    model = _model()
+    target = tmp_path / "adapter"
+    model.save_pretrained(target)
+    real_unlink = os.unlink
+
+    def stuck_unlink(path, *, dir_fd=None):
+        if dir_fd is not None and path == "adapter_config.json":  # inside shutil.rmtree of the old tree
+            raise PermissionError(13, "Permission denied", path)
+        real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", stuck_unlink)
+    _bump(model)
+    model.save_pretrained(target)  # published: the old tree's removal is best effort
+    monkeypatch.undo()
+    loaded = PeftModel.from_pretrained(tiny_timm_resnet(), target)
+    assert torch.equal(_first_factor(loaded), _first_factor(model))
+    (leftover,) = set(os.listdir(tmp_path)) - {"adapter"}
+    assert saving.is_leftover(leftover)
+    model.save_pretrained(target)  # the next save removes it
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
