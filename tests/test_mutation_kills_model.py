@@ -224,3 +224,170 @@ def test_a_head_name_matching_many_modules_lists_five():
         get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv1"], head_module="0"))
     listed = re.search(r"matches (\d+) modules \((\[.*?\])\)", str(info.value))
     assert int(listed.group(1)) > 5 and len(eval(listed.group(2))) == 5
+
+
+class ContainerHead(nn.Module):
+    """A classifier in a container, as transformers' ResNet (`classifier = Sequential(Flatten, Linear)`)."""
+
+    def __init__(self, *classifier):
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.classifier = nn.Sequential(*classifier)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+class Conventional(nn.Module):
+    """A classifier that a library convention names (an attribute or an accessor); an auxiliary head after it."""
+
+    def __init__(self, attr, accessor=None, head=None):
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        setattr(self, attr, nn.Linear(8, 3) if head is None else head)
+        self.aux_head = nn.Linear(8, 2)
+        if accessor == "raises":
+            def missing():
+                raise NotImplementedError  # transformers' models without output embeddings
+            self.get_output_embeddings = missing
+        elif accessor is not None:
+            setattr(self, accessor, lambda: getattr(self, attr))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Plain(nn.Module):
+    """No classifier convention at all: the last Linear is the output layer (a Dropout is registered after it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop(self.fc(self.body(x)))
+
+
+def _head_config(head, outputs=None):
+    return FTNConfig(target_modules=["body"], r=1, head_module=head, head_num_outputs=outputs)
+
+
+def _resized_output_error(model):
+    with pytest.raises(ValueError, match="a middle layer with 8 outputs") as info:
+        model.add_adapter("other", _head_config("body", 5)) if hasattr(model, "add_adapter") else get_peft_model(
+            model, _head_config("body", 5))
+    return re.search(r"must be the model's output layer: (\[.*\])$", str(info.value)).group(1)
+
+
+def test_the_output_layers_a_resized_head_may_replace():
+    x = torch.randn(2, 8)
+    # a container head: the container and its last layer are output layers, also once an adapter wraps that layer
+    model = get_peft_model(ContainerHead(nn.Flatten(), nn.Linear(8, 3)), _head_config("classifier.1", 5), "a")
+    model.add_adapter("b", _head_config("classifier.1", 7))
+    model.set_adapter("b")
+    assert model(x).shape == (2, 7)
+    assert _resized_output_error(model) == "['classifier', 'classifier.1']"
+    # an adapter's head on the container's first layer does not hide the output layer after it
+    model = get_peft_model(ContainerHead(nn.Linear(8, 8), nn.Linear(8, 3)), _head_config("classifier.0"), "a")
+    model.add_adapter("b", _head_config("classifier.1", 5))
+    model.set_adapter("b")
+    assert model(x).shape == (2, 5)
+    conventions = [
+        (Conventional("head", "get_classifier"), "['head']"),  # timm
+        (Conventional("classifier"), "['classifier']"),  # transformers' classification heads
+        (Conventional("score"), "['score']"),
+        (Conventional("lm_head", "get_output_embeddings"), "['lm_head']"),  # transformers' LM heads
+        (Conventional("head", "get_classifier", head=nn.Identity()), "['aux_head']"),  # timm, num_classes=0
+        (Conventional("head", "raises"), "['aux_head']"),
+    ]
+    for model, listed in conventions:  # else the last Linear
+        assert _resized_output_error(model) == listed
+    assert _resized_output_error(Plain()) == "['fc']"  # the last Linear, not the last module
+    model = get_peft_model(Plain(), _head_config("fc"), "a")
+    assert _resized_output_error(model) == "['fc']"  # also once an adapter wrapped it in a task head
+    model = get_peft_model(Conventional("classifier"), _head_config("classifier", 5), "a")
+    assert _resized_output_error(model) == "['classifier']"  # the task head, not an adapter's copy in it
+
+
+def test_an_inference_mode_adapter_has_nothing_trainable_head_and_norms_included():
+    def config():
+        return FTNConfig(target_modules=["conv1"], r=1, head_module="fc", head_num_outputs=5, inference_mode=True)
+
+    model = get_peft_model(tiny_timm_resnet(), config(), adapter_name="a")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == []
+    model.add_adapter("b", config())  # into the existing task head and BatchNorm layers
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == []
+
+
+def test_a_float64_model_keeps_float64_task_batchnorm_statistics(images):
+    model = get_peft_model(tiny_timm_resnet().double(), ftn_peft.presets.resnet(r=1))
+    bn = model.base_model.model.bn1.ftn_norm["default"]
+    assert bn.running_mean.dtype == bn.running_var.dtype == torch.float64  # only half precision is upcast
+    assert model(images.double()).dtype == torch.float64
+
+
+class WideAttention(nn.Module):
+    """Attention whose inner width (2 heads of 4) differs from the model width 12."""
+
+    def __init__(self):
+        super().__init__()
+        self.head_dim = 4
+        self.q = nn.Linear(12, 8)
+        self.out_proj = nn.Linear(8, 12)
+
+    def forward(self, x):
+        return self.out_proj(self.q(x))
+
+
+def test_an_output_projection_splits_its_input_width_into_heads():
+    net = nn.Sequential(WideAttention(), nn.Linear(12, 3))
+    model = get_peft_model(net, FTNConfig(target_modules=["q", "out_proj"], attention_heads="auto", r=1))
+    attn = model.base_model.model[0]
+    assert attn.q.num_heads["default"] == attn.out_proj.num_heads["default"] == 2
+    with pytest.raises(ValueError, match=r"^attention_heads=3 does not divide the input width 8 of '0.out_proj'"):
+        get_peft_model(nn.Sequential(WideAttention()), FTNConfig(target_modules=["out_proj"], attention_heads=3))
+
+
+def test_one_config_object_may_serve_two_adapters():
+    config = ftn_peft.presets.resnet(r=1, num_classes=5)
+    model = get_peft_model(tiny_timm_resnet(), config, adapter_name="a")
+    model.add_adapter("b", config)
+    net = model.base_model.model
+    assert set(net.fc.ftn_head) == set(net.bn1.ftn_norm) == {"a", "b"}
+
+
+def test_the_no_match_error_lists_six_adaptable_layers_then_dots():
+    for n, tail in ((6, ""), (7, " ...")):
+        with pytest.raises(ValueError) as info:
+            get_peft_model(nn.Sequential(*[nn.Linear(4, 4) for _ in range(n)]), FTNConfig(target_modules=["nope"]))
+        assert str(info.value).endswith("['0', '1', '2', '3', '4', '5']" + tail)
+
+
+def test_a_failed_injection_restores_requires_grad():
+    net = Net()  # a model the user trains in full
+    with pytest.raises(ValueError, match="does not divide"):  # fails after the base model was frozen
+        get_peft_model(net, FTNConfig(target_modules=["q"], attention_heads=3))
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_modules_to_save_implicit_names_of_task_types_and_nesting_across_adapters():
+    from ftn_peft.model import FTNModel
+
+    resnet = tiny_timm_resnet()
+    names = [n for n, _ in resnet.named_modules() if n]
+    for entry in ("classifier", "score"):  # PEFT's task-type wrappers add these names whether or not they exist
+        FTNModel._check_modules_to_save(FTNConfig(target_modules=["conv1"], modules_to_save=[entry],
+                                                  task_type="SEQ_CLS"), resnet, names)
+        with pytest.raises(ValueError, match=f"^modules_to_save entry '{entry}' matches no module of the model$"):
+            FTNModel._check_modules_to_save(FTNConfig(target_modules=["conv1"], modules_to_save=[entry]), resnet,
+                                            names)
+    model = get_peft_model(resnet, FTNConfig(target_modules=["fc"], task_batchnorm=False,
+                                             modules_to_save=["layer1.0.conv2"]), adapter_name="a")
+    with pytest.raises(ValueError) as info:
+        model.add_adapter("b", FTNConfig(target_modules=["fc"], task_batchnorm=False, modules_to_save=["layer1"]))
+    assert str(info.value) == (
+        "modules_to_save entry 'layer1' covers 'layer1', which contains 'layer1.0.conv2' (from \"an earlier "
+        "adapter's modules_to_save\"): a module saved inside another one breaks saving; keep only the outer one"
+    )
