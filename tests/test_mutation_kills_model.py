@@ -391,3 +391,41 @@ def test_modules_to_save_implicit_names_of_task_types_and_nesting_across_adapter
         "modules_to_save entry 'layer1' covers 'layer1', which contains 'layer1.0.conv2' (from \"an earlier "
         "adapter's modules_to_save\"): a module saved inside another one breaks saving; keep only the outer one"
     )
+
+
+def test_a_subclass_of_a_supported_layer_is_adapted_and_a_task_head_is_not_a_target():
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear  # nn.MultiheadAttention's out_proj
+
+    net = nn.Sequential(NonDynamicallyQuantizableLinear(8, 8), nn.Linear(8, 3))
+    model = get_peft_model(net, FTNConfig(target_modules=["0"], r=1))
+    assert isinstance(model.base_model.model[0], ftn_peft.layer.Linear)
+    model = get_peft_model(tiny_timm_resnet(), ftn_peft.presets.resnet(r=1, num_classes=5), adapter_name="a")
+    with pytest.raises(ValueError) as info:  # another adapter targets the layer that is adapter a's task head
+        model.add_adapter("b", FTNConfig(target_modules=["fc"], r=1, task_batchnorm=False))
+    assert str(info.value) == ("target 'fc' is a task head of FTN; remove it from target_modules (or add it to "
+                               "exclude_modules)")
+
+
+class SelfOutput(nn.Module):  # transformers' ViTSelfOutput: the output projection one level below the attention
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.dense(x)
+
+
+def test_the_head_size_is_found_on_an_attention_module_above_the_parent():
+    net = Net(head_dim=4)
+    net.attn.output = SelfOutput()
+    model = get_peft_model(net, FTNConfig(target_modules=["dense"], attention_heads="auto", output_projections=["dense"],
+                                          r=1))
+    assert model.base_model.model.attn.output.dense.num_heads["default"] == 2
+
+
+@pytest.mark.parametrize("compute", ["materialized", "factorized"])
+def test_the_configs_compute_path_reaches_every_layer(compute):
+    model = get_peft_model(tiny_timm_resnet(), ftn_peft.presets.resnet(r=1, compute=compute))
+    layers = [m for m in model.modules() if isinstance(m, ftn_peft.layer.FTNLayer)]
+    assert layers and all(m.compute["default"] == compute for m in layers)
+    assert all(m._use_factorized("default") == (compute == "factorized") for m in layers)
