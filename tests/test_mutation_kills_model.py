@@ -429,3 +429,12 @@ def test_the_configs_compute_path_reaches_every_layer(compute):
     layers = [m for m in model.modules() if isinstance(m, ftn_peft.layer.FTNLayer)]
     assert layers and all(m.compute["default"] == compute for m in layers)
     assert all(m._use_factorized("default") == (compute == "factorized") for m in layers)
+
+
+def test_a_second_adapters_no_match_error_lists_layers_outside_the_first_ones_wrappers():
+    model = get_peft_model(tiny_timm_resnet(), FTNConfig(target_modules=["conv1"], r=1), adapter_name="a")
+    with pytest.raises(ValueError) as info:
+        model.add_adapter("b", FTNConfig(target_modules=["nope"], r=1))
+    assert str(info.value).endswith("layers FTN can adapt here: ['layer1.0.conv2', 'layer1.0.downsample.0', "
+                                    "'layer2.0.conv2', 'layer2.0.downsample.0', 'layer3.0.conv2', "
+                                    "'layer3.0.downsample.0'] ...")
