@@ -115,6 +115,10 @@ def test_mixed_batch_errors_use_peft_words(images):
     model.eval()
     with pytest.raises(ValueError, match=re.escape("Trying to infer with non-existing adapter(s): nope, zzz. ")):
         model(images, adapter_names=["zzz", "a", "nope", "a"])
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=re.escape("Cannot pass `adapter_names` when there are merged adapters, please "
+                                                   "call `unmerge_adapter` first. ")):
+        model(images, adapter_names=["a"] * 4)
 
 
 _MATCH_HELP = "name layers by exact name or suffix (a list) or by a regex matching the full name (a string)"
@@ -154,6 +158,9 @@ _ERRORS = {
     "no-match-set": ("net", dict(target_modules={"zz", "aa"}), ValueError,
                      f"target_modules=['aa', 'zz'] matches no module of the model: {_MATCH_HELP}; layers FTN can adapt "
                      "here: ['attn.q', 'attn.out_proj', 'fc']"),
+    "no-match-regex": ("net", dict(target_modules="nope.*"), ValueError,
+                       f"target_modules='nope.*' matches no module of the model: {_MATCH_HELP}; layers FTN can adapt "
+                       "here: ['attn.q', 'attn.out_proj', 'fc']"),
     "rank-pattern": ("resnet", dict(target_modules=["conv1"], rank_pattern={"nope": 2}), ValueError,
                      "rank_pattern keys ['nope'] match no adapted module (none of the target_modules); adapted modules "
                      "are e.g. ['conv1', 'layer1.0.conv1', 'layer2.0.conv1']"),
@@ -438,3 +445,11 @@ def test_a_second_adapters_no_match_error_lists_layers_outside_the_first_ones_wr
     assert str(info.value).endswith("layers FTN can adapt here: ['layer1.0.conv2', 'layer1.0.downsample.0', "
                                     "'layer2.0.conv2', 'layer2.0.downsample.0', 'layer3.0.conv2', "
                                     "'layer3.0.downsample.0'] ...")
+
+
+def test_adapter_weights_of_a_bf16_model_are_upcast_to_fp32_by_default():
+    model = get_peft_model(tiny_timm_resnet().to(torch.bfloat16), ftn_peft.presets.resnet(r=1))
+    net = model.base_model.model
+    assert net.layer1[0].conv1.ftn_a["default"].dtype == torch.float32  # PEFT's autocast_adapter_dtype=True
+    assert net.bn1.ftn_norm["default"].running_mean.dtype == torch.float32
+    assert net.layer1[0].conv1.base_layer.weight.dtype == torch.bfloat16
