@@ -224,3 +224,77 @@ def test_a_layer_merge_checks_values_only_when_asked_like_lora():
     head.unmerge()
     with pytest.raises(ValueError, match="adapter a seems to be broken"):
         head.merge(safe_merge=True)
+
+
+def test_task_norms_report_their_width_like_peft_layers():
+    for base, n in [(nn.LayerNorm((C, 6)), C * 6), (nn.GroupNorm(2, C), C), (nn.BatchNorm1d(C), C)]:
+        norm = TaskNorm(base, "a")
+        assert (norm.in_features, norm.out_features) == (n, n)
+
+
+def test_a_task_head_built_directly_trains_its_active_adapter():
+    head = TaskHead(nn.Linear(6, 3), "a", num_outputs=4)
+    head.update_layer("b", num_outputs=5)
+    assert all(p.requires_grad for p in head.ftn_head["a"].parameters())  # "a" is the active adapter
+    assert not any(p.requires_grad for p in head.ftn_head["b"].parameters())  # inactive, as in PEFT's layers
+    assert head.num_outputs == {"a": 4, "b": 5}
+
+
+class NestedDecoder(nn.Module):
+    """A decoder whose output conv sits two levels down (``stage.block.out``), with non-default geometry."""
+
+    def __init__(self, out_conv):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 1)
+        self.stage = nn.Module()
+        self.stage.block = nn.Module()
+        self.stage.block.out = out_conv
+
+    def forward(self, x):
+        return self.stage.block.out(self.stem(x))
+
+
+def _geometry(conv):
+    return (conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode,
+            conv.groups, conv.bias is None, conv.weight.dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_resized_conv_output_layer_keeps_its_geometry_in_place(bias):
+    torch.manual_seed(0)
+    out = nn.Conv2d(C, 3, 3, stride=2, padding=2, dilation=2, padding_mode="reflect", bias=bias)
+    base = NestedDecoder(out).to(torch.bfloat16)
+    head = TaskHead(base, "a", num_outputs=5)
+    new = head.ftn_head["a"]
+    fresh = new.stage.block.out
+    assert fresh is not base.stage.block.out and fresh.out_channels == 5
+    assert _geometry(fresh) == _geometry(base.stage.block.out)
+    assert (head.in_features, head.out_features, head.num_outputs["a"]) == (C, 3, 5)
+    x = torch.randn(2, C, 7, 9, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = head(x)
+        base_y = base(x)
+    assert y.shape == (2, 5, *base_y.shape[2:])  # same spatial geometry, 5 channels
+    # Only the output layer is fresh: the rest of the decoder starts from the base weights.
+    torch.testing.assert_close(new.stem.weight, base.stem.weight)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_resized_linear_head_keeps_its_bias_dtype_and_device(bias):
+    base = nn.Linear(6, 3, bias=bias).to(torch.bfloat16)
+    fresh = TaskHead(base, "a", num_outputs=5).ftn_head["a"]
+    assert (fresh.out_features, fresh.bias is None, fresh.weight.dtype) == (5, not bias, torch.bfloat16)
+    meta = TaskHead(nn.Linear(6, 3, device="meta"), "a", num_outputs=5).ftn_head["a"]  # a model built empty
+    assert meta.weight.device.type == "meta"
+    meta = TaskHead(NestedDecoder(nn.Conv2d(C, 3, 1)).to("meta"), "a", num_outputs=5).ftn_head["a"]
+    assert meta.stage.block.out.weight.device.type == "meta"
+
+
+def test_a_grouped_output_conv_cannot_be_resized_and_the_error_names_it():
+    grouped = lambda: nn.Conv2d(C, 2, 1, groups=2)  # noqa: E731
+    with pytest.raises(ValueError, match=r"^the output layer 'stage.block.out' of the head is a grouped conv \(groups=2\); "
+                       r"a head of another size needs an ungrouped output conv$"):
+        TaskHead(NestedDecoder(grouped()), "a", num_outputs=5)
+    with pytest.raises(ValueError, match=r"^the output layer 'Conv2d' of the head is a grouped conv \(groups=2\)"):
+        TaskHead(grouped(), "a", num_outputs=5)
+    TaskHead(NestedDecoder(grouped()), "a", num_outputs=2)  # the same size keeps the grouped conv
