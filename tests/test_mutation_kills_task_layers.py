@@ -232,12 +232,14 @@ def test_task_norms_report_their_width_like_peft_layers():
         assert (norm.in_features, norm.out_features) == (n, n)
 
 
-def test_a_task_head_built_directly_trains_its_active_adapter():
+def test_task_layers_built_directly_train_their_active_adapter():
     head = TaskHead(nn.Linear(6, 3), "a", num_outputs=4)
     head.update_layer("b", num_outputs=5)
     assert all(p.requires_grad for p in head.ftn_head["a"].parameters())  # "a" is the active adapter
     assert not any(p.requires_grad for p in head.ftn_head["b"].parameters())  # inactive, as in PEFT's layers
     assert head.num_outputs == {"a": 4, "b": 5}
+    norm = TaskNorm(nn.BatchNorm2d(C).requires_grad_(False), "a")  # a frozen base model's BatchNorm
+    assert all(p.requires_grad for p in norm.ftn_norm["a"].parameters())
 
 
 class NestedDecoder(nn.Module):
