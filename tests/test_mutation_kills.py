@@ -158,3 +158,17 @@ def test_a_non_linear_head_is_refused_with_the_alternative():
                        r"Linear / Conv layer is its output layer \(a decoder\), got ReLU, which holds neither; "
                        r"wrap other heads with modules_to_save instead"):
         TaskHead(nn.ReLU(), "a")
+
+
+@pytest.mark.parametrize("two_op", [True, False])
+def test_conv_delta_keeps_the_dilation_on_both_small_op_paths(two_op):
+    # tests/test_conv_paths.py checks this over many shapes, but it is outside mutmut's selection; a dilated 3×3
+    # conv is where the two-op path's k×k conv must receive the layer's dilation.
+    torch.manual_seed(0)
+    r, cin, cout, k = 3, 4, 5, (3, 3)
+    factors = [torch.randn(r, 9), torch.randn(r, cin), torch.randn(r, cout)]
+    x = torch.randn(2, cin, 9, 9)
+    dense = FF.delta_weight(FF.CONV, factors, (cout, cin, *k), scale=0.5)
+    want = torch.nn.functional.conv2d(x, dense, stride=1, padding=2, dilation=2)
+    got = FF.conv_delta(x, factors, k, 1, 2, 2, 1, 0.5, two_op=two_op)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
