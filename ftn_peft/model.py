@@ -468,12 +468,13 @@ def _output_layers(model: nn.Module) -> list[str]:
             pass
     by_id = {id(m): n for n, m in model.named_modules()}
     for module in candidates:
-        if isinstance(module, nn.Module) and _head_of(module) is not None and id(module) in by_id:
+        head = _head_of(module) if isinstance(module, nn.Module) else None
+        if head is not None and id(module) in by_id:
             found.append(by_id[id(module)])
             # A container head (transformers' ResNet: Sequential(Flatten, Linear)) ends in its own output layer,
             # which is an output layer of the model too.
-            last = _last_output_layer(_head_of(module))
-            if last is not _head_of(module) and id(last) in by_id:
+            last = _last_output_layer(head)
+            if last is not head and id(last) in by_id:
                 found.append(by_id[id(last)])
     if not found:  # any other model: its last Linear layer
         linears = [
