@@ -82,6 +82,18 @@ def test_mixed_batch_gives_each_adapter_its_rows_of_every_decoder_input():
             torch.testing.assert_close(out[i : i + 1], expected)
 
 
+def test_a_mixed_decoder_batch_indexes_on_the_input_device():
+    # The row numbers of a mixed batch must live on the input's device: on a GPU, CPU row numbers would fail the
+    # scatter back. The meta device shows it on a machine without one (torch refuses mixing it with CPU indices).
+    head = _decoder_head().to("meta")
+    x, skips, gain, scale, extras = _inputs()
+    to_meta = lambda t: t.to("meta")  # noqa: E731
+    x, gain, scale = to_meta(x), to_meta(gain), to_meta(scale)
+    skips, extras = [to_meta(s) for s in skips], {k: to_meta(v) for k, v in extras.items()}
+    out = head(x, skips, gain, scale=scale, extras=extras, adapter_names=["a", "b", "a"])  # not contiguous: a scatter
+    assert out.device.type == "meta" and out.shape == (B, 3, H, W)
+
+
 @pytest.mark.parametrize("by", ["position", "keyword"])
 def test_mixed_batch_passes_a_decoder_input_given_only_by_position_or_only_by_keyword(by):
     head = _decoder_head()
