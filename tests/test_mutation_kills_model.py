@@ -453,3 +453,64 @@ def test_adapter_weights_of_a_bf16_model_are_upcast_to_fp32_by_default():
     assert net.layer1[0].conv1.ftn_a["default"].dtype == torch.float32  # PEFT's autocast_adapter_dtype=True
     assert net.bn1.ftn_norm["default"].running_mean.dtype == torch.float32
     assert net.layer1[0].conv1.base_layer.weight.dtype == torch.bfloat16
+
+
+class Blocks(nn.Module):
+    """Two Linear layers, a ModuleList (which PEFT's modules_to_save refuses to wrap) and a non-persistent buffer,
+    as transformers models keep their `position_ids`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+        self.register_buffer("position_ids", torch.arange(4), persistent=False)
+
+    def forward(self, x):
+        return self.blocks[0](self.fc2(self.fc1(x)))
+
+
+def test_a_failed_add_adapter_leaves_the_tuners_own_bookkeeping_as_it_was():
+    # PEFT fails here after it recorded the new adapter's targets on the tuner (wrapping the ModuleList).
+    model = get_peft_model(Blocks(), FTNConfig(target_modules=["fc1"]), adapter_name="a")
+    tuner = model.base_model
+    before = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(tuner).items() if not k.startswith("_")}
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type .*ModuleList"):
+        model.add_adapter("b", FTNConfig(target_modules=["fc2"], modules_to_save=["blocks"]))
+    after = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(tuner).items() if not k.startswith("_")}
+    assert after == before and tuner.targeted_module_names == ["fc1"]
+    assert list(model.peft_config) == ["a"] and type(tuner.model.fc2) is nn.Linear
+
+
+def test_a_model_with_non_persistent_buffers_keeps_them_out_of_its_state_dict_after_a_failed_injection():
+    model = get_peft_model(Blocks(), FTNConfig(target_modules=["fc1"]), adapter_name="a")
+    keys = set(model.state_dict())
+    assert not any(k.endswith("position_ids") for k in keys)
+    with pytest.raises(TypeError, match="ModuleList"):
+        model.add_adapter("b", FTNConfig(target_modules=["fc2"], modules_to_save=["blocks"]))
+    assert set(model.state_dict()) == keys
+    torch.testing.assert_close(model.base_model.model.position_ids, torch.arange(4))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("target_modules", [["0"], ["absent"]], ids=["another-layer", "no-layer"])
+def test_a_state_dict_given_to_inject_adapter_in_model_picks_the_targets_as_for_lora(target_modules):
+    # PEFT's inject_adapter_in_model(..., state_dict=) adapts the layers that the checkpoint's keys name, whatever
+    # target_modules says (a checkpoint saved without its config), and warns about the difference.
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    targeted = {}
+    for config_cls, random_init in ((LoraConfig, {"init_lora_weights": False}), (FTNConfig, {"init_weights": False})):
+        source = inject_adapter_in_model(config_cls(target_modules=["2"], **random_init), _mlp())
+        state_dict = get_peft_model_state_dict(source)
+        with pytest.warns(RuntimeWarning, match="The state_dict contained these additional target modules: \\['2'\\]"):
+            model = inject_adapter_in_model(config_cls(target_modules=target_modules), _mlp(), state_dict=state_dict)
+        targeted[config_cls] = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        assert not set_peft_model_state_dict(model, state_dict).unexpected_keys
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(model(x), source(x))
+    assert targeted[FTNConfig] == targeted[LoraConfig] == ["2"]
