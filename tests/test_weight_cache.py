@@ -259,3 +259,16 @@ def test_merged_fast_path_and_disable_adapter():
         with model.disable_adapter():  # unmerges, then runs the base layer
             torch.testing.assert_close(model(x), base, rtol=1e-4, atol=1e-5)
 
+
+
+def test_a_budgets_entry_toucher_marks_an_entry_as_just_used():
+    from ftn_peft.weight_cache import CacheBudget, LayerWeightCache
+
+    budget = CacheBudget(max_bytes=8)  # room for two 4-byte entries
+    cache = LayerWeightCache(budget)
+    source = torch.ones(1)
+    for key in ("old", "new"):
+        cache.get_or_build(key, (source,), (), lambda: torch.zeros(1))
+    budget.entry_toucher()((id(cache), "old"))  # what the fast path calls on a hit
+    cache.get_or_build("third", (source,), (), lambda: torch.zeros(1))
+    assert set(cache._entries) == {"old", "third"}  # "new" was the least recently used
