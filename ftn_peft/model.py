@@ -67,7 +67,7 @@ class FTNModel(BaseTuner):
 
     def _prepare_model(self, peft_config: FTNConfig, model: nn.Module) -> None:
         """Wrap BatchNorm layers and the head for this adapter; PEFT calls this before matching targets."""
-        adapter_name = self._adapter_being_injected(peft_config)
+        adapter_name = self._adapter_being_injected()
         first_injection = not any(isinstance(m, BaseTunerLayer) for m in model.modules())
         if first_injection:
             # PEFT snapshots trainability after this hook; freezing here keeps the base model frozen.
@@ -84,19 +84,16 @@ class FTNModel(BaseTuner):
                 elif isinstance(module, norm_types) and not self._inside_tuner_layer(model, name):
                     self._swap(model, name, TaskNorm(module, adapter_name, inference_mode=peft_config.inference_mode))
 
-    def _adapter_being_injected(self, peft_config: FTNConfig) -> str:
-        # PEFT's _prepare_model hook gets the config, not the adapter name. Adapters are identified by the name that
-        # inject_adapter remembers: one config object may serve several adapters.
-        name = getattr(self, "_injecting_adapter", None)
-        if name is not None:
-            return name
-        names = [n for n, conf in self.peft_config.items() if conf is peft_config]
-        if len(names) != 1:
+    def _adapter_being_injected(self) -> str:
+        # PEFT's _prepare_model hook gets the config, not the adapter name (one config object may serve several
+        # adapters); PEFT calls it only from inject_adapter, which remembers the name.
+        name = self.__dict__.get("_injecting_adapter")
+        if name is None:
             raise ValueError(
-                f"cannot tell which adapter this config belongs to (used by {names or 'none'}); "
-                "add adapters with get_peft_model / PeftModel.add_adapter"
+                "FTNModel._prepare_model was called outside inject_adapter, so the adapter it prepares is unknown; "
+                "add adapters with get_peft_model / PeftModel.add_adapter / PeftModel.load_adapter"
             )
-        return names[0]
+        return name
 
     def _wrap_head(self, model: nn.Module, config: FTNConfig, adapter_name: str) -> None:
         name = _resolve_head(model, config)

@@ -514,3 +514,12 @@ def test_a_state_dict_given_to_inject_adapter_in_model_picks_the_targets_as_for_
         x = torch.randn(2, 4)
         torch.testing.assert_close(model(x), source(x))
     assert targeted[FTNConfig] == targeted[LoraConfig] == ["2"]
+
+
+def test_preparing_a_model_outside_inject_adapter_is_refused_by_name():
+    # PEFT calls _prepare_model only from inject_adapter, which names the adapter the hook's config belongs to.
+    model = get_peft_model(Blocks(), FTNConfig(target_modules=["fc1"]))
+    message = ("FTNModel._prepare_model was called outside inject_adapter, so the adapter it prepares is unknown; add "
+               "adapters with get_peft_model / PeftModel.add_adapter / PeftModel.load_adapter")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        model.base_model._prepare_model(model.peft_config["default"], model.base_model.model)
