@@ -87,9 +87,8 @@ def test_a_mixed_decoder_batch_indexes_on_the_input_device():
     # scatter back. The meta device shows it on a machine without one (torch refuses mixing it with CPU indices).
     head = _decoder_head().to("meta")
     x, skips, gain, scale, extras = _inputs()
-    to_meta = lambda t: t.to("meta")  # noqa: E731
-    x, gain, scale = to_meta(x), to_meta(gain), to_meta(scale)
-    skips, extras = [to_meta(s) for s in skips], {k: to_meta(v) for k, v in extras.items()}
+    x, gain, scale = (t.to("meta") for t in (x, gain, scale))
+    skips, extras = [s.to("meta") for s in skips], {k: v.to("meta") for k, v in extras.items()}
     out = head(x, skips, gain, scale=scale, extras=extras, adapter_names=["a", "b", "a"])  # not contiguous: a scatter
     assert out.device.type == "meta" and out.shape == (B, 3, H, W)
 
