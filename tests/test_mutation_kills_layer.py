@@ -1,6 +1,8 @@
 """Behavioural tests that kill mutants of layer.py, routing.py and compute_path.py (see docs/mutation.md).
 
-Each test checks what a user sees (outputs against a dense reference, merged weights, errors), not how it is computed.
+Each test checks what a user sees (outputs against a dense reference, merged weights, errors), not how it is computed,
+except where the path itself is the promise: the ops a conv runs for its compute mode, one op per layer for a
+mixed batch or with the inference cache (docs/design.md).
 """
 
 import math
@@ -9,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from ftn_peft.compute_path import factorized_cost_ratio
+from ftn_peft import inference_cache_bytes
+from ftn_peft.compute_path import conv_extra_macs, conv_path, factorized_cost_ratio
 from ftn_peft.layer import Conv, ConvTranspose, Linear
 
 ADAPTER = "default"
@@ -222,3 +225,196 @@ def test_factors_take_the_base_layer_float_dtype_and_inference_mode_freezes_them
     assert all(f.requires_grad for f in layer.factors(ADAPTER))
     frozen = Linear(nn.Linear(6, 5), ADAPTER, r=2, alpha=None, inference_mode=True)
     assert not any(f.requires_grad for f in frozen.factors(ADAPTER))
+
+
+# --- the compute path a conv runs, the inference cache, mixed batches ------------------------------------------
+def _conv(cin, cout, k, stride=1, r=2, **kwargs):
+    torch.manual_seed(0)
+    base = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2).requires_grad_(False)
+    return Conv(base, ADAPTER, r=r, alpha=None, init_weights="gaussian", init_std=0.3, **kwargs)
+
+
+def _conv_weights_seen(monkeypatch, run):
+    """The weight shapes of the F.conv2d calls made by ``run()`` (the ops a forward actually runs)."""
+    seen, conv2d = [], nn.functional.conv2d
+
+    def spy(inp, weight, *args, **kwargs):
+        seen.append(tuple(weight.shape))
+        return conv2d(inp, weight, *args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "conv2d", spy)
+    out = run()
+    monkeypatch.setattr(nn.functional, "conv2d", conv2d)
+    return seen, out
+
+
+@pytest.mark.parametrize(
+    "cin, cout, k, batch, size, r, needs_grad, expected",
+    [  # shapes of tests/test_conv_paths.py's calibrated cases, one per path
+        (16, 16, 3, 32, 8, 4, True, "materialized"),
+        (128, 128, 3, 32, 1, 4, True, "two_op"),
+        (64, 64, 3, 4, 16, 4, True, "three_op"),
+        (128, 128, 3, 32, 1, 4, False, "two_op"),
+    ],
+)
+def test_conv_in_auto_mode_runs_the_path_the_measured_rule_picks(
+    monkeypatch, cin, cout, k, batch, size, r, needs_grad, expected
+):
+    """compute="auto": the ops a forward runs are those of the path `compute_path.conv_path` picks for that input,
+    and the output is the dense conv with W + ΔW."""
+    layer = _conv(cin, cout, k, r=r)
+    base = layer.get_base_layer()
+    x = torch.randn(batch, cin, size, size)
+    assert conv_path(r, (k * k, cin, cout), base, x, needs_grad) == expected  # the case is what it claims
+    with torch.no_grad():
+        reference = nn.functional.conv2d(x, base.weight + layer.get_delta_weight(ADAPTER), base.bias, padding=k // 2)
+    with torch.set_grad_enabled(needs_grad):  # train mode: the inference cache stays out of it
+        seen, out = _conv_weights_seen(monkeypatch, lambda: layer(x))
+    full = (cout, cin, k, k)
+    ops = {
+        "materialized": [full],  # one conv with W + ΔW
+        "two_op": [full, (r, cin, k, k), (cout, r, 1, 1)],  # the base conv, k×k down, 1×1 up
+        "three_op": [full, (r, cin, 1, 1), (r, 1, k, k), (cout, r, 1, 1)],
+    }
+    assert seen == ops[expected]
+    torch.testing.assert_close(out.detach(), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode, down", [("two_op", [(2, 4, 3, 3)]), ("three_op", [(2, 4, 1, 1), (2, 1, 3, 3)])])
+def test_conv_forced_small_op_mode_runs_as_named(monkeypatch, mode, down):
+    layer = _conv(4, 6, 3, compute=mode)
+    x = torch.randn(2, 4, 5, 5)
+    seen, _ = _conv_weights_seen(monkeypatch, lambda: layer(x))
+    assert seen == [(6, 4, 3, 3), *down, (6, 2, 1, 1)]
+
+
+def test_conv_positions_count_the_batch_times_output_pixels_and_drive_the_rule_off_the_cpu():
+    """Off the CPU (where the measured rule is not calibrated) the FLOP rule decides, from the output positions."""
+    layer = _conv(4, 6, 3, stride=2, r=1)
+    base = layer.get_base_layer()
+    for shape in ((1, 4, 2, 2), (3, 4, 8, 8), (16, 4, 64, 64)):
+        x = torch.randn(shape)
+        assert layer._positions(x) == base(x).numel() / base.out_channels  # padding 1, even sizes: exact
+    per_position, size = conv_extra_macs(1, layer.factor_dims(ADAPTER), base)
+    with torch.no_grad():
+        for shape, factorized in (((1, 4, 2, 2), True), ((16, 4, 64, 64), False)):
+            x = torch.empty(shape, device="meta")  # stands in for a GPU input
+            positions = shape[0] * (shape[2] // 2) * (shape[3] // 2)
+            assert (factorized_cost_ratio(per_position, size, positions, 1, needs_grad=False) < 1.0) is factorized
+            assert layer._use_factorized(ADAPTER, x) is factorized
+
+
+def test_conv_transpose_with_output_size_in_eval_runs_one_op_with_the_cached_weight(monkeypatch):
+    """Eval without gradients: W + ΔW is cached and run as one op, also when output_size= is passed."""
+    torch.manual_seed(0)
+    base = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1).requires_grad_(False)
+    layer = ConvTranspose(base, ADAPTER, r=2, alpha=None, init_weights="gaussian", init_std=0.3).eval()
+    x = torch.randn(1, 4, 2, 2)  # few positions: the small ops would be chosen without the cache
+    weight = base.weight + layer.get_delta_weight(ADAPTER)
+    pad = base._output_padding(x, [4, 4], base.stride, base.padding, base.kernel_size, 2, base.dilation)
+    expected = nn.functional.conv_transpose2d(x, weight, base.bias, 2, 1, pad)
+    seen, conv_t = [], nn.functional.conv_transpose2d
+
+    def spy(inp, w, *args, **kwargs):
+        seen.append(w)
+        return conv_t(inp, w, *args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "conv_transpose2d", spy)
+    with torch.no_grad():
+        out = layer(x, output_size=[4, 4])
+    monkeypatch.setattr(nn.functional, "conv_transpose2d", conv_t)
+    assert out.shape[-2:] == (4, 4)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], weight)
+    assert inference_cache_bytes(layer) == weight.numel() * weight.element_size()
+
+
+def test_mixed_batch_in_eval_runs_one_conv(monkeypatch):
+    """Eval without gradients, a mixed batch: the groups' cached weights stacked into one grouped conv."""
+    layer = _conv(4, 6, 3, r=4)
+    layer.update_layer("other", r=4, alpha=None, init_weights="gaussian", init_std=0.3)
+    layer.eval()
+    base = layer.get_base_layer()
+    x = torch.randn(4, 4, 5, 5)
+    names = [ADAPTER, "other", "__base__", ADAPTER]
+    with torch.no_grad():
+        per_adapter = {
+            a: nn.functional.conv2d(x, base.weight + layer.get_delta_weight(a), base.bias, padding=1)
+            for a in (ADAPTER, "other")
+        }
+        per_adapter["__base__"] = base(x)
+        seen, out = _conv_weights_seen(monkeypatch, lambda: layer(x, adapter_names=names))
+    assert seen == [(3 * 6, 4, 3, 3)]  # the three groups' weights side by side
+    for i, name in enumerate(names):
+        torch.testing.assert_close(out[i], per_adapter[name][i], rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_built_directly_computes_in_auto_mode_and_caches_in_eval():
+    layer = _linear()  # no compute= given
+    layer.eval()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        out = layer(x)
+    base = layer.get_base_layer()
+    torch.testing.assert_close(out, nn.functional.linear(x, base.weight + _dense_matrix_delta(layer, 1.0), base.bias))
+    assert inference_cache_bytes(layer) == base.weight.numel() * base.weight.element_size()  # W + ΔW, one copy
+    factorized = _linear(compute="factorized").eval()
+    with torch.no_grad():
+        factorized(x)
+    assert inference_cache_bytes(factorized) == 0  # an explicit mode runs as named, uncached
+
+
+# --- the disabled / merged layer is the base layer's own call -------------------------------------------------
+@pytest.mark.parametrize("state", ["disabled", "merged"])
+def test_disabled_or_merged_layer_passes_extra_arguments_to_the_base_layer(state):
+    """Then the call is the base layer's own: an argument nn.Linear refuses is refused the same way."""
+    layer = _linear()
+    x = torch.randn(3, 6)
+    with pytest.raises(TypeError) as plain:
+        layer.get_base_layer()(x, 1.0)
+    if state == "disabled":
+        layer.enable_adapters(False)
+    else:
+        layer.merge()
+    with pytest.raises(TypeError) as adapted:
+        layer(x, 1.0)
+    assert str(adapted.value) == str(plain.value)
+
+
+def test_disable_adapters_is_a_bool_as_in_lora():
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    lora = LoraLinear(nn.Linear(6, 5), ADAPTER, config=LoraConfig(r=2), r=2)
+    layer = _linear()
+    assert layer.disable_adapters is lora.disable_adapters is False
+    layer.enable_adapters(False)
+    assert layer.disable_adapters is True
+    layer.enable_adapters(True)
+    assert layer.disable_adapters is False
+
+
+# --- factors: precision of ΔW, device -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10)])
+def test_half_precision_delta_is_the_exact_product_rounded_once(dtype, ulp):
+    """Half-precision factors are multiplied in fp32: ΔW is the exact sum of products within one rounding, not
+    a product rounded at every step (which loses up to ~8 % here, where the 16 components cancel)."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(4, 5, 3).to(dtype).requires_grad_(False)
+    layer = Conv(base, ADAPTER, r=16, alpha=None, init_weights="gaussian", init_std=1.0)
+    a, b, c = (f.detach().double() for f in layer.factors(ADAPTER))
+    assert all(f.dtype == dtype for f in layer.factors(ADAPTER))
+    exact = sum(torch.einsum("o,i,k->oik", c[q], b[q], a[q]) for q in range(16)).reshape(base.weight.shape)
+    delta = layer.get_delta_weight(ADAPTER)
+    assert delta.dtype == dtype
+    torch.testing.assert_close(delta.double(), exact, rtol=ulp, atol=0.0)
+
+
+def test_factors_of_a_later_adapter_are_created_on_the_meta_device_of_the_base_layer():
+    """A layer built on the meta device (a model without memory) keeps every adapter's factors there: PEFT moves an
+    adapter's factors to the base layer's device only while none of that container's factors is on meta."""
+    base = nn.Conv2d(4, 6, 3, padding=1, device="meta").requires_grad_(False)
+    layer = Conv(base, ADAPTER, r=2, alpha=None)
+    layer.update_layer("other", r=3, alpha=None)
+    assert {f.device.type for name in (ADAPTER, "other") for f in layer.factors(name)} == {"meta"}
