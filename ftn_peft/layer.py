@@ -9,6 +9,7 @@ W + ΔW for inference without gradients, the merged fast path), `grouped.py` (mi
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -38,7 +39,8 @@ def adapter_compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.
 
     Under torch.autocast the ops choose their own dtype, so the activations are left as they come.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    # The meta device has no autocast state to ask (torch raises); shape-only passes run there.
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         return x.dtype
     return adapter_dtype
 
@@ -212,6 +214,8 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if (args or kwargs) and not (self.merged and adapter_names is None):
+            self._check_extra_arguments(x, args, kwargs)
         if adapter_names is not None:
             out = grouped_forward(self, x, adapter_names)  # eval without gradients: all groups in one op
             if out is None:
@@ -220,6 +224,24 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         return self._forward_adapters(x, self._active_here())
+
+    # Arguments besides the input that the adapted path honours (ConvTranspose: output_size, applied per call).
+    _honoured_arguments: tuple[str, ...] = ()
+
+    def _check_extra_arguments(self, x: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """The adapted path runs the base op on ``x`` alone: refuse, rather than drop, anything else. What the base
+        layer itself refuses gets its own TypeError, as on the disabled and merged paths."""
+        base = self.get_base_layer()
+        try:
+            bound = inspect.signature(base.forward).bind(x, *args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{type(base).__name__}.forward() {err}") from None
+        dropped = [name for name in list(bound.arguments)[1:] if name not in self._honoured_arguments]
+        if dropped:
+            raise TypeError(
+                f"{type(self).__name__} (FTN) cannot pass {dropped} on to its base {type(base).__name__} while "
+                "adapters are active; call the layer with the input only, or disable the adapters for this call"
+            )
 
     def _adapter_inputs(self, x: torch.Tensor, adapter: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``x`` and the factors, both in the dtype the adapter computes in (see `adapter_compute_dtype`)."""
@@ -286,6 +308,7 @@ class ConvTranspose(FTNLayer):
     """
 
     _output_padding_now: Optional[tuple[int, ...]] = None  # set while a forward with output_size= runs
+    _honoured_arguments = ("output_size",)
 
     def _default_kind(self, num_heads, style) -> str:
         return FF.CONV_T

@@ -197,3 +197,58 @@ def test_cpu_autocast_and_low_precision(dtype):
         out = model(x)
     tol = 5e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+
+
+# --- arguments besides the input ------------------------------------------------------------------------------------
+def _adapted_linear(base: nn.Module) -> nn.Module:
+    model = get_peft_model(Holder("proj", base), FTNConfig(target_modules=["proj"], r=2, init_std=0.1))
+    return model.base_model.model.proj
+
+
+@pytest.mark.parametrize("adapter_names", [None, ["default", "default", "__base__"]])
+@pytest.mark.parametrize(
+    "extra, words",
+    [(((1.0,), {}), "positional"), (((), {"foo": 1}), "'foo'"), (((), {"input": None}), "'input'")],
+)
+def test_an_argument_the_base_layer_refuses_is_refused_on_the_adapted_path(extra, words, adapter_names):
+    """With adapters active the call is not the base layer's own, but it must not swallow what that layer refuses."""
+    layer = _adapted_linear(nn.Linear(6, 5)).eval()
+    x = torch.randn(3, 6)
+    args, kwargs = extra
+    kwargs = {k: x if v is None else v for k, v in kwargs.items()}
+    with pytest.raises(TypeError, match=words):
+        layer.get_base_layer()(x, *args, **kwargs)
+    # The plain layer's complaint, in the words python uses for a signature check.
+    with pytest.raises(TypeError, match=rf"^Linear\.forward\(\) .*{words}"):
+        layer(x, *args, adapter_names=adapter_names, **kwargs)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, input, scale: float = 1.0):
+        return super().forward(input) * scale
+
+
+def test_an_argument_the_base_layer_takes_but_ftn_cannot_pass_on_is_refused_by_name():
+    layer = _adapted_linear(ScaledLinear(6, 5))
+    x = torch.randn(3, 6)
+    with pytest.raises(TypeError, match=r"cannot pass \['scale'\] on to its base ScaledLinear.*input only"):
+        layer(x, scale=2.0)
+    layer.enable_adapters(False)  # the base layer's own call then honours it
+    torch.testing.assert_close(layer(x, scale=2.0), 2.0 * layer.get_base_layer()(x))
+
+
+def test_transposed_conv_still_takes_output_size_with_adapters_active():
+    model = get_peft_model(Holder("up", nn.ConvTranspose2d(4, 6, 3, stride=2)), FTNConfig(target_modules=["up"], r=2))
+    layer = model.base_model.model.up
+    x = torch.randn(1, 4, 5, 5)
+    assert layer(x, output_size=[12, 12]).shape[-2:] == (12, 12)
+    assert layer(x, [12, 12]).shape[-2:] == (12, 12)
+
+
+def test_a_model_on_the_meta_device_runs_a_shape_only_forward():
+    """Shape inference on an empty (meta) model runs the factorized path, which asks about autocast."""
+    model = get_peft_model(
+        Holder("proj", nn.Linear(6, 5, device="meta")), FTNConfig(target_modules=["proj"], r=2, compute="factorized")
+    )
+    out = model(torch.empty(3, 6, device="meta"))
+    assert out.shape == (3, 5) and out.device.type == "meta"
