@@ -311,3 +311,12 @@ def test_a_grouped_output_conv_cannot_be_resized_and_the_error_names_it():
     with pytest.raises(ValueError, match=r"^the output layer 'Conv2d' of the head is a grouped conv \(groups=2\)"):
         TaskHead(grouped(), "a", num_outputs=5)
     TaskHead(NestedDecoder(grouped()), "a", num_outputs=2)  # the same size keeps the grouped conv
+
+
+@pytest.mark.parametrize("make", [lambda: TaskNorm(nn.BatchNorm2d(3), "a"), lambda: TaskHead(nn.Linear(4, 2), "a")])
+def test_a_task_layers_disable_adapters_is_a_bool_as_in_lora(make):
+    """`disable_adapters` is public PEFT state (LoRA's layers start at ``False``): code compares it with ``is``."""
+    layer = make()
+    assert layer.disable_adapters is False
+    layer.enable_adapters(False)
+    assert layer.disable_adapters is True
