@@ -281,6 +281,43 @@ def test_small_op_macs_are_the_cheaper_small_op_path():
         (1.0, 3.0, 2 * cin * cout * p_out / 1e6, r * 2 * cin * cout / 1e6, (two_op[3] * 1e6 + r * cout * p_out) / 1e6))
 
 
+def test_grouped_conv_features_count_every_group():
+    # M2 = r·Cin·k·P_out, M3 = r·Cin·P_in + g·r·k·P_out (Cin the layer's whole input width, k taps, P = images × pixels)
+    r, cin, cout, g = 3, 12, 9, 3
+    base = nn.Conv2d(cin, cout, 3, padding=1, groups=g)
+    x = torch.empty(2, cin, 5, 5)
+    two_op, materialized = conv_path_features(r, (9, cin // g, cout), base, x).values()
+    p = 2 * 25
+    assert two_op == pytest.approx((1.0, 2.0, r * cin * 9 * p / 1e6, (r * cin * p + g * r * 9 * p) / 1e6))
+    assert materialized[2:4] == pytest.approx((base.weight.numel() * p / 1e6, r * base.weight.numel() / 1e6))
+
+
+def test_under_torch_compile_the_choice_follows_the_shape_and_is_not_remembered(monkeypatch):
+    # dynamo guards on the shapes, so the cost model runs while tracing: the same choice as in eager mode
+    layer = _conv(nn.Conv2d(64, 64, 3, padding=1), r=4)
+    layer.compute[ADAPTER] = "auto"
+    many_small, few_large = torch.randn(32, 64, 2, 2), torch.randn(4, 64, 16, 16)
+    eager = [layer._auto_path(ADAPTER, x) for x in (many_small, few_large)]
+    assert eager == ["two_op", "three_op"]
+    layer._path_cache.clear()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert [layer._auto_path(ADAPTER, x) for x in (many_small, few_large)] == eager
+    assert layer._path_cache == {}
+
+
+def test_the_cost_model_runs_once_per_shape(monkeypatch):
+    # it costs about as much as a small op (pure Python), so it is remembered per input shape
+    layer = _conv(nn.Conv2d(64, 64, 3, padding=1), r=4)
+    layer.compute[ADAPTER] = "auto"
+    calls = []
+    choose = layer._choose_path
+    monkeypatch.setattr(layer, "_choose_path", lambda *args: calls.append(args[1].shape) or choose(*args))
+    x = torch.randn(32, 64, 2, 2)
+    for _ in range(3):
+        assert layer._use_factorized(ADAPTER, x) and layer._use_two_op(ADAPTER, x)
+    assert calls == [x.shape]
+
+
 def test_an_unbatched_input_is_one_image():
     base = nn.Conv2d(128, 128, 3, padding=1)
     for size in (1, 16):
