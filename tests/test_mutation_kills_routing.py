@@ -292,7 +292,7 @@ def test_grouped_conv_features_count_every_group():
     assert materialized[2:4] == pytest.approx((base.weight.numel() * p / 1e6, r * base.weight.numel() / 1e6))
 
 
-def test_under_torch_compile_the_choice_follows_the_shape_and_is_not_remembered(monkeypatch):
+def test_while_compiling_the_choice_follows_the_shape_and_is_not_remembered(monkeypatch):
     # dynamo guards on the shapes, so the cost model runs while tracing: the same choice as in eager mode
     layer = _conv(nn.Conv2d(64, 64, 3, padding=1), r=4)
     layer.compute[ADAPTER] = "auto"
