@@ -31,7 +31,7 @@ GAIN = {"a": 2.0, "b": -3.0, None: 1.0}
 def _run_recording(calls):
     def run(xs, adapter):
         calls.append((adapter, xs.shape[0]))
-        return xs[:, :2] * GAIN[adapter] + len(calls) * 0  # drops features: the output is narrower than the input
+        return xs[:, :2] * GAIN[adapter]  # narrower than the input: the output takes the shape run gives
     return run
 
 
