@@ -214,15 +214,15 @@ class FTNLayer(InferenceCacheMixin, nn.Module, ComputePathMixin, FTNTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if (args or kwargs) and not (self.merged and adapter_names is None):
+        if self.merged and adapter_names is None:
+            return self.base_layer(x, *args, **kwargs)
+        if args or kwargs:
             self._check_extra_arguments(x, args, kwargs)
         if adapter_names is not None:
             out = grouped_forward(self, x, adapter_names)  # eval without gradients: all groups in one op
             if out is None:
                 out = self._route(x, adapter_names, lambda xs, a: self._forward_adapters(xs, [a] if a else []))
             return out
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
         return self._forward_adapters(x, self._active_here())
 
     # Arguments besides the input that the adapted path honours (ConvTranspose: output_size, applied per call).
