@@ -69,6 +69,17 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     return GPT2Model(GPT2Config(vocab_size=50, n_embd=24, n_layer=2, n_head=4, n_positions=16)).eval()
 
 
+@pytest.fixture(autouse=True)
+def _same_random_weights_every_run():
+    """Each test draws its random weights from one seed, so a result does not depend on which tests ran before it
+    in its process (pytest-xdist deals tests out differently each run). PEFT's mixed-batch checks compare rows with
+    `torch.allclose` at its default tolerance; a matrix product over 3 rows rounds differently from the same rows
+    inside 9, and on the saturated log-softmax outputs of its MLP that can exceed the tolerance: with seeds 0-199
+    the overlapping-layers check of tests/test_peft_generic.py fails for 2 seeds with FTN and for 6 with LoRA
+    (measured 2026-11-29). That was a flaky test, not a difference from LoRA."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def images():
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))

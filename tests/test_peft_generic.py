@@ -80,16 +80,6 @@ def set_init_weights_false(config_cls, kwargs):
     return kwargs
 
 
-@pytest.fixture(autouse=True)
-def _same_random_weights_every_run():
-    """Each test draws its random weights from one seed, so a run does not depend on what ran before it in its
-    process. PEFT's mixed-batch checks compare rows with `torch.allclose` at its default tolerance; a matrix product
-    over 3 rows rounds differently from the same rows inside 9, and on the saturated log-softmax outputs of its
-    MLP that can exceed the tolerance: with seeds 0-199 the overlapping-layers check fails for 2 seeds with FTN and
-    for 6 with LoRA (measured 2026-11-29). That was a flaky test, not a difference from LoRA."""
-    torch.manual_seed(0)
-
-
 def _skip_tests_with_multiple_adapters_with_target_parameters(config_cls, config_kwargs):
     if (config_cls == LoraConfig) and config_kwargs.get("target_parameters"):
         pytest.skip("LoRA with multiple adapters with target_parameters is not supported")
